@@ -1,0 +1,44 @@
+# aiayn — the two commands a newcomer runs: `make train` and `make test`.
+# Both create/refresh the virtual environment first when it is missing or older than pyproject.toml.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+# Generated files (shards, checkpoints, logs, compiled ops) all land under $(AIAYN_OUTPUT_DIR).
+export AIAYN_OUTPUT_DIR ?= $(CURDIR)/outputs
+export CORPORA_DIR ?= $(abspath $(CURDIR)/../shared/data)
+export TORCH_EXTENSIONS_DIR ?= $(AIAYN_OUTPUT_DIR)/.cache/torch_extensions
+export WANDB_DIR ?= $(AIAYN_OUTPUT_DIR)
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup train test lint bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/aiayn train $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/train_throughput.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs

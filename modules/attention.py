@@ -1,0 +1,94 @@
+"""Scaled dot-product attention (Eq. 1) and multi-head attention (section 3.2.2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V  (Eq. 1).
+
+    q: (batch, heads, q_len, d_k); k: (batch, heads, k_len, d_k); v: (batch, heads, k_len, d_v);
+    bias: additive mask broadcastable to (batch, heads, q_len, k_len) (see masks.py).
+    Returns the output (batch, heads, q_len, d_v) and the attention weights (batch, heads, q_len, k_len).
+
+    Written as two plain matmuls and a softmax rather than torch's fused kernel: on this project's CPU target
+    the fused kernel's bf16 backward measured about 3x slower, and the weights are needed for attention maps.
+    """
+    d_k = q.size(-1)
+    # "To counteract this effect, we scale the dot products by 1/√d_k": scaling q first is cheaper than
+    # scaling the (q_len x k_len) scores, and identical.
+    scores = (q * (1.0 / math.sqrt(d_k))) @ k.transpose(-2, -1)  # (batch, heads, q_len, k_len)
+    if bias is not None:
+        scores = scores + bias
+    # The softmax runs in float32 even under bf16 autocast: its sums are where low precision hurts.
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return weights @ v, weights  # (batch, heads, q_len, d_v)
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
+
+    Section 3.2.2. The h per-head projections are stored side by side in one matrix each (W^Q: d_model -> h·d_k,
+    W^K: d_model -> h·d_k, W^V: d_model -> h·d_v), which is the same parameters as h separate ones, computed in one
+    matmul. d_k and d_v are independent, as in Table 3 rows (A) and (B).
+
+    Incremental decoding: pass a `cache` dict. For self-attention (`static_kv=False`) the new keys/values are
+    appended to the cached ones; for encoder-decoder attention (`static_kv=True`) they are computed from the
+    encoder output once and reused at every step.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_k: int, d_v: int) -> None:
+        super().__init__()
+        self.n_heads, self.d_k, self.d_v = n_heads, d_k, d_v
+        self.w_q = nn.Linear(d_model, n_heads * d_k)
+        self.w_k = nn.Linear(d_model, n_heads * d_k)
+        self.w_v = nn.Linear(d_model, n_heads * d_v)
+        self.w_o = nn.Linear(n_heads * d_v, d_model)
+        # The last attention weights, kept only when `keep_weights` is set (attention maps).
+        self.keep_weights = False
+        self.last_weights: torch.Tensor | None = None
+
+    def _split_heads(self, x: torch.Tensor, d_head: int) -> torch.Tensor:
+        # (batch, len, heads·d_head) -> (batch, heads, len, d_head)
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_heads, d_head).transpose(1, 2)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        memory: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        cache: dict[str, torch.Tensor] | None = None,
+        static_kv: bool = False,
+    ) -> torch.Tensor:
+        """query: (batch, q_len, d_model) attends over memory: (batch, k_len, d_model).
+
+        Self-attention passes the same tensor twice; encoder-decoder attention passes the encoder output as
+        memory ("the queries come from the previous decoder layer, and the memory keys and values come from
+        the output of the encoder", section 3.2.3).
+        """
+        q = self._split_heads(self.w_q(query), self.d_k)  # (batch, heads, q_len, d_k)
+        if cache is not None and static_kv and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            k = self._split_heads(self.w_k(memory), self.d_k)  # (batch, heads, k_len, d_k)
+            v = self._split_heads(self.w_v(memory), self.d_v)  # (batch, heads, k_len, d_v)
+            if cache is not None:
+                if not static_kv and "k" in cache:
+                    k = torch.cat([cache["k"], k], dim=2)
+                    v = torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+
+        out, weights = scaled_dot_product_attention(q, k, v, bias)  # (batch, heads, q_len, d_v)
+        if self.keep_weights:
+            self.last_weights = weights.detach()
+        batch, _, q_len, _ = out.shape
+        out = out.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_v)  # Concat(head_1..head_h)
+        return self.w_o(out)  # (batch, q_len, d_model)

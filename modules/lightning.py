@@ -1,0 +1,107 @@
+"""The training recipe of section 5 around the model: loss, optimizer, schedule, metrics, sample translations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from modules.config import TransformerConfig
+from modules.loss import LabelSmoothedCrossEntropy
+from modules.schedule import inverse_sqrt_scheduler
+from modules.search import greedy_search
+from modules.transformer import Transformer
+
+
+class TranslationModule(L.LightningModule):
+    """Trains a Transformer on token batches (section 5).
+
+    - Loss: label-smoothed cross-entropy with ε_ls (section 5.4), summed over target tokens and divided by their
+      number, so every target token weighs the same whatever the batch's shape.
+    - Optimizer: Adam with β1 = 0.9, β2 = 0.98, ε = 1e-9 (section 5.3).
+    - Learning rate: Eq. 3, warmup then inverse square root, updated every step.
+    Batches are dicts from data.collate_pairs: src, tgt_in, tgt_out (each (batch, len)) and token counts.
+    """
+
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any], n_samples: int = 3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg = TransformerConfig.from_dict(dict(model))
+        self.optim_cfg = dict(optim)
+        self.model = Transformer(self.model_cfg)
+        self.criterion = LabelSmoothedCrossEntropy(self.optim_cfg["label_smoothing"], self.model_cfg.pad_id)
+        self.n_samples = n_samples
+        self.val_loss = MeanMetric()  # weighted by target tokens
+        self.val_nll = MeanMetric()
+        self.samples: list[tuple[str, str, str]] = []  # (source, reference, hypothesis) of the last validation
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        return self.model(src, tgt_in)
+
+    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.model(batch["src"], batch["tgt_in"])  # (batch, tgt_len, vocab)
+        loss_sum, nll_sum = self.criterion(logits, batch["tgt_out"])
+        n_tokens = batch["tgt_out"].ne(self.model_cfg.pad_id).sum()
+        return loss_sum, nll_sum, n_tokens
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, nll_sum, n_tokens = self._losses(batch)
+        loss = loss_sum / n_tokens
+        # Logged as tensors: Lightning reads them back only every `log_every_n_steps`, so the step itself never
+        # waits for the host.
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(nll_sum.detach() / n_tokens))
+        self.log("train/lr", torch.tensor(self.lr_schedulers().get_last_lr()[0]))
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, nll_sum, n_tokens = self._losses(batch)
+        self.val_loss.update(loss_sum / n_tokens, n_tokens)
+        self.val_nll.update(nll_sum / n_tokens, n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss, nll = self.val_loss.compute(), self.val_nll.compute()
+        self.val_loss.reset()
+        self.val_nll.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(nll), prog_bar=True, sync_dist=False)
+        self.samples = self.translate_samples()
+
+    def translate_samples(self) -> list[tuple[str, str, str]]:
+        """Greedy translations of the first few validation sentences, to watch the model learn."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.n_samples <= 0 or datamodule is None or not hasattr(datamodule, "valid_examples"):
+            return []
+        tokenizer = datamodule.tokenizer
+        pairs = datamodule.valid_examples(self.n_samples)
+        hyps = self.translate([src for src, _ in pairs], tokenizer)
+        return [(src, ref, hyp) for (src, ref), hyp in zip(pairs, hyps, strict=True)]
+
+    @torch.no_grad()
+    def translate(self, sentences: list[str], tokenizer: Any) -> list[str]:
+        """Greedy-decode raw sentences with a data.Tokenizer (source gets <eos> appended, as in training)."""
+        ids = [s + [tokenizer.eos_id] for s in tokenizer.encode(sentences)]
+        src = torch.full((len(ids), max(map(len, ids))), tokenizer.pad_id, dtype=torch.long)
+        for row, seq in enumerate(ids):
+            src[row, : len(seq)] = torch.tensor(seq)
+        was_training = self.model.training
+        self.model.eval()
+        hyps = greedy_search(self.model, src.to(self.device), tokenizer.bos_id, tokenizer.eos_id)
+        self.model.train(was_training)
+        return tokenizer.decode(hyps)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        # lr=1.0: the scheduler's lambda returns the actual rate of Eq. 3.
+        optimizer = torch.optim.Adam(self.parameters(), lr=1.0, betas=tuple(cfg["betas"]), eps=cfg["eps"])
+        scheduler = inverse_sqrt_scheduler(
+            optimizer, self.model_cfg.d_model, cfg["warmup_steps"], cfg.get("lr_scale", 1.0)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

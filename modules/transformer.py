@@ -1,0 +1,164 @@
+"""The encoder-decoder Transformer (section 3, Figure 1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.config import TransformerConfig
+from modules.embedding import LearnedPositionalEmbedding, ScaledEmbedding, SinusoidalPositionalEncoding
+from modules.layers import DecoderLayer, EncoderLayer
+from modules.masks import causal_bias, padding_bias
+
+# Per-layer decoding state: {"self": {"k", "v"}, "cross": {"k", "v"}} (see MultiHeadAttention).
+DecoderCache = list[dict[str, dict[str, torch.Tensor]]]
+
+
+def _positional(cfg: TransformerConfig) -> nn.Module:
+    if cfg.positional == "learned":
+        return LearnedPositionalEmbedding(cfg.d_model, cfg.max_positions)
+    return SinusoidalPositionalEncoding(cfg.d_model, cfg.max_positions)
+
+
+class Encoder(nn.Module):
+    """A stack of N identical layers over the embedded source (section 3.1, left half of Figure 1)."""
+
+    def __init__(self, cfg: TransformerConfig, embedding: ScaledEmbedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.positional = _positional(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)  # "dropout to the sums of the embeddings and the positional encodings"
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
+        # Pre-LN leaves the residual stream un-normalized, so the stack ends with one more LayerNorm.
+        self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+
+    def forward(self, src: torch.Tensor, src_bias: torch.Tensor) -> torch.Tensor:
+        # src: (batch, src_len) token ids -> (batch, src_len, d_model)
+        x = self.dropout(self.embedding(src) + self.positional(src.size(1)))
+        for layer in self.layers:
+            x = layer(x, src_bias)
+        return self.final_norm(x)
+
+
+class Decoder(nn.Module):
+    """A stack of N identical layers over the shifted target, attending to the encoder (right half of Figure 1)."""
+
+    def __init__(self, cfg: TransformerConfig, embedding: ScaledEmbedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.positional = _positional(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+
+    def forward(
+        self,
+        tgt_in: torch.Tensor,
+        memory: torch.Tensor,
+        src_bias: torch.Tensor,
+        cache: DecoderCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """tgt_in: (batch, tgt_len) = <bos> y_1 .. y_{n-1}; returns hidden states (batch, tgt_len, d_model).
+
+        With a cache, tgt_in holds only the newest position(s), `start` is the position of the first of them,
+        and the keys/values of earlier positions come from the cache.
+        """
+        length = tgt_in.size(1)
+        y = self.dropout(self.embedding(tgt_in) + self.positional(length, start))
+        # One new position sees every cached one and itself: no mask needed. Several positions at once
+        # (training, or a prompt) must not see their own future.
+        self_bias = causal_bias(length, tgt_in.device) if length > 1 else None
+        if self_bias is not None and start > 0:
+            past = torch.zeros(1, 1, length, start, device=tgt_in.device)
+            self_bias = torch.cat([past, self_bias], dim=-1)
+        for i, layer in enumerate(self.layers):
+            y = layer(y, memory, self_bias, src_bias, cache[i] if cache is not None else None)
+        return self.final_norm(y)
+
+
+class Transformer(nn.Module):
+    """Encoder, decoder and the pre-softmax projection, with three-way weight tying (section 3.4).
+
+    "We share the same weight matrix between the two embedding layers and the pre-softmax linear transformation."
+    With `share_embeddings=False` source embeddings, target embeddings and the output projection are separate.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        src_embedding = ScaledEmbedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
+        tgt_embedding = (
+            src_embedding if cfg.share_embeddings else ScaledEmbedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
+        )
+        self.encoder = Encoder(cfg, src_embedding)
+        self.decoder = Decoder(cfg, tgt_embedding)
+        self.output_projection: nn.Linear | None = None
+        if not cfg.share_embeddings:
+            self.output_projection = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            nn.init.normal_(self.output_projection.weight, mean=0.0, std=cfg.d_model**-0.5)
+        self._init_linear_layers()
+
+    def _init_linear_layers(self) -> None:
+        # Glorot/Xavier uniform for every projection, zero biases: tensor2tensor's and fairseq's choice.
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and name != "output_projection":
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """src: (batch, src_len) -> memory (batch, src_len, d_model) and its padding bias (batch, 1, 1, src_len)."""
+        src_bias = padding_bias(src, self.cfg.pad_id)
+        return self.encoder(src, src_bias), src_bias
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax linear transformation: (..., d_model) -> logits (..., vocab)."""
+        if self.output_projection is not None:
+            return self.output_projection(hidden)
+        return F.linear(hidden, self.decoder.embedding.weight)
+
+    def decode(
+        self,
+        tgt_in: torch.Tensor,
+        memory: torch.Tensor,
+        src_bias: torch.Tensor,
+        cache: DecoderCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Logits for the next token at each position of tgt_in: (batch, tgt_len, vocab)."""
+        return self.project(self.decoder(tgt_in, memory, src_bias, cache, start))
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits: src (batch, src_len), tgt_in (batch, tgt_len) -> (batch, tgt_len, vocab)."""
+        memory, src_bias = self.encode(src)
+        return self.decode(tgt_in, memory, src_bias)
+
+    def new_cache(self) -> DecoderCache:
+        """Empty per-layer key/value cache for incremental decoding."""
+        return [{"self": {}, "cross": {}} for _ in self.decoder.layers]
+
+    @staticmethod
+    def reorder_cache(cache: DecoderCache, order: torch.Tensor) -> DecoderCache:
+        """Select/reorder the batch rows of every cached tensor (used when beams are pruned)."""
+        for layer in cache:
+            for kind in layer.values():
+                for key in kind:
+                    kind[key] = kind[key].index_select(0, order)
+        return cache
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters, each shared tensor counted once, split into embedding / encoder / decoder."""
+        seen: set[int] = set()
+        counts = {"embedding": 0, "encoder": 0, "decoder": 0}
+        for name, p in self.named_parameters():  # named_parameters() already yields a tied tensor once
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            if "embedding" in name or name.startswith("output_projection"):
+                part = "embedding"
+            else:
+                part = name.split(".")[0]
+            counts[part] += p.numel()
+        return {"params": sum(counts.values()), **counts}

@@ -1,0 +1,29 @@
+"""Loading the Hydra config tree in conf/ with command-line overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = Path(os.environ.get("AIAYN_CONF_DIR", PROJECT_ROOT / "conf"))
+
+if not OmegaConf.has_resolver("aiayn.root"):
+    OmegaConf.register_new_resolver("aiayn.root", lambda: str(PROJECT_ROOT))
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides such as `model=base` or `trainer.max_steps=50`."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="aiayn"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return cfg
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """The one folder every generated file goes under (paths.output_dir, or $AIAYN_OUTPUT_DIR)."""
+    path = Path(cfg.paths.output_dir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path

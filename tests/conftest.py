@@ -1,0 +1,24 @@
+"""Shared test settings: no network, W&B offline, everything generated under a temporary folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CORPORA_DIR = Path(os.environ.get("CORPORA_DIR", PROJECT_ROOT.parent / "shared" / "data")).resolve()
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def corpora_dir() -> Path:
+    if not (CORPORA_DIR / "multi30k" / "train.en.gz").exists():
+        raise FileNotFoundError(f"Multi30k not found under {CORPORA_DIR}: set CORPORA_DIR to the corpora folder")
+    return CORPORA_DIR
