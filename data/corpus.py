@@ -84,10 +84,10 @@ class ParallelCorpus:
 
     def batches(self, batch_size: int = 10_000) -> Iterator[tuple[list[str], list[str]]]:
         """(source sentences, target sentences) in file order, `batch_size` pairs at a time."""
-        for src, tgt in zip(self.src.iter(batch_size=batch_size), self.tgt.iter(batch_size=batch_size)):
+        for src, tgt in zip(self.src.iter(batch_size=batch_size), self.tgt.iter(batch_size=batch_size), strict=True):
             yield src["text"], tgt["text"]
 
     def head(self, n: int) -> list[tuple[str, str]]:
         """The first n (source, target) pairs, e.g. to show sample translations of validation sentences."""
         n = min(n, len(self))
-        return list(zip(self.src[:n]["text"], self.tgt[:n]["text"]))
+        return list(zip(self.src[:n]["text"], self.tgt[:n]["text"], strict=True))

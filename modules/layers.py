@@ -73,7 +73,5 @@ class DecoderLayer(nn.Module):
         self_cache = cache["self"] if cache is not None else None
         cross_cache = cache["cross"] if cache is not None else None
         y = self.self_residual(y, lambda h: self.self_attn(h, h, self_bias, cache=self_cache))
-        y = self.cross_residual(
-            y, lambda h: self.cross_attn(h, memory, src_bias, cache=cross_cache, static_kv=True)
-        )
+        y = self.cross_residual(y, lambda h: self.cross_attn(h, memory, src_bias, cache=cross_cache, static_kv=True))
         return self.ffn_residual(y, self.ffn)

@@ -73,6 +73,17 @@ class TranslationModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(nll), prog_bar=True, sync_dist=False)
         self.samples = self.translate_samples()
+        if self.samples and not self.trainer.sanity_checking:
+            self.print(f"\nstep {self.global_step}: greedy translations of validation sentences")
+            for src, ref, hyp in self.samples:
+                self.print(f"  SRC {src}\n  REF {ref}\n  HYP {hyp}")
+            for logger in self.loggers:  # W&B shows them as a table; loggers without text support skip them
+                if hasattr(logger, "log_text"):
+                    logger.log_text(
+                        key="val/samples",
+                        columns=["step", "source", "reference", "hypothesis"],
+                        data=[[self.global_step, *sample] for sample in self.samples],
+                    )
 
     def translate_samples(self) -> list[tuple[str, str, str]]:
         """Greedy translations of the first few validation sentences, to watch the model learn."""

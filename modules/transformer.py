@@ -28,7 +28,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.embedding = embedding
         self.positional = _positional(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)  # "dropout to the sums of the embeddings and the positional encodings"
+        # "we apply dropout to the sums of the embeddings and the positional encodings" (section 5.4)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
         # Pre-LN leaves the residual stream un-normalized, so the stack ends with one more LayerNorm.
         self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipeline.config import load_config
@@ -51,7 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=base trainer.max_steps=50")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(args.overrides)
+    try:
+        cfg = load_config(args.overrides)
+    except ConfigCompositionException as err:  # a bad override: say which, without a Hydra traceback
+        cause = f" ({err.__cause__})" if err.__cause__ else ""
+        parser.exit(2, f"aiayn {args.command}: {err}{cause}\n")
     COMMANDS[args.command][0](cfg)
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from data import TranslationDataModule
 from modules.lightning import TranslationModule
 from pipeline.callbacks import TokenThroughput
 from pipeline.config import output_dir
+from pipeline.loggers import build_loggers
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -42,7 +42,7 @@ def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
     return L.Trainer(
         **trainer_args,
         default_root_dir=str(directory),
-        logger=CSVLogger(save_dir=str(directory), name="logs", version=""),
+        logger=build_loggers(cfg, directory),
         callbacks=[TokenThroughput(pad_id=cfg.model.pad_id), checkpoints],
     )
 
@@ -66,7 +66,12 @@ def main(cfg: DictConfig) -> dict:
     minutes = (time.perf_counter() - started) / 60
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
-    summary = {"run_dir": str(directory), "steps": trainer.global_step, "minutes": round(minutes, 2), **metrics}
+    summary = {
+        "run_dir": str(directory),
+        "steps": trainer.global_step,
+        "minutes": round(minutes, 2),
+        **metrics,
+    }
     if trainer.is_global_zero:
         (directory / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"\nTrained {trainer.global_step} steps in {minutes:.1f} min; run folder: {directory}")

@@ -53,7 +53,9 @@ def test_multi_head_equals_per_head_projections():
 def test_masked_positions_get_zero_weight():
     tokens = torch.tensor([[5, 6, 7, 0, 0]])
     bias = padding_bias(tokens, pad_id=0) + causal_bias(5)
-    _, weights = scaled_dot_product_attention(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), bias)
+    _, weights = scaled_dot_product_attention(
+        torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), bias
+    )
     assert torch.all(weights[..., 3:] == 0)  # padding keys
     assert torch.all(weights.triu(diagonal=1) == 0)  # the future
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, 5))

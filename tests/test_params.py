@@ -17,7 +17,12 @@ def hand_count(vocab: int, n: int, d: int, d_ff: int) -> dict[str, int]:
     encoder = n * (attention + ffn + 2 * layer_norm)
     decoder = n * (2 * attention + ffn + 3 * layer_norm)
     embedding = vocab * d  # one matrix shared by both embeddings and the pre-softmax projection
-    return {"params": embedding + encoder + decoder, "embedding": embedding, "encoder": encoder, "decoder": decoder}
+    return {
+        "params": embedding + encoder + decoder,
+        "embedding": embedding,
+        "encoder": encoder,
+        "decoder": decoder,
+    }
 
 
 def test_base_and_big_match_hand_count():
@@ -36,9 +41,15 @@ def test_untied_embeddings_add_two_matrices():
 
 
 def test_cli_prints_one_json_line():
-    out = subprocess.run(
-        [sys.executable, "-m", "pipeline", "params", "model=base", "model.vocab_size=37000"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip().splitlines()
+    out = (
+        subprocess.run(
+            [sys.executable, "-m", "pipeline", "params", "model=base", "model.vocab_size=37000"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     assert len(out) == 1
     assert json.loads(out[0])["params"] == 63_082_496

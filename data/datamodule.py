@@ -1,0 +1,159 @@
+"""The data side of training, as Lightning expects it: prepare once, then token-count batches on every rank.
+
+Lightning calls prepare_data() on one process (per node), then setup() on every process; dataloaders are
+created after that. Our batches are built in the main process by TokenBatchSampler (section 5.1), which
+also splits them across DDP ranks itself, so configure the Trainer with
+    use_distributed_sampler=False          Lightning must not wrap our batch sampler in a DistributedSampler
+    reload_dataloaders_every_n_epochs=1    the number of batches differs slightly from epoch to epoch, and
+                                           Lightning reads len(train_dataloader) only when it (re)creates it
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from data.batching import TokenBatchSampler
+from data.collate import collate_pairs
+from data.corpus import ParallelCorpus
+from data.manifest import read_manifest
+from data.prepare import corpus_paths, dataset_dir_for, prepare_dataset, resolve_data_config
+from data.shards import ShardedPairs
+from data.tokenizer import Tokenizer
+
+
+class TranslationDataModule(L.LightningDataModule):
+    """A prepared parallel corpus (BPE + shards) served as padded token-count batches."""
+
+    def __init__(self, data_cfg: DictConfig | dict, output_dir: str | os.PathLike, seed: int = 1):
+        super().__init__()
+        self.cfg = resolve_data_config(data_cfg)
+        self.output_dir, self.seed = Path(output_dir), seed
+        # Derived from the input files' sha256 and the config: every rank finds the same folder by itself.
+        self.dataset_dir = dataset_dir_for(self.cfg, self.output_dir)
+        self.tokenizer: Tokenizer | None = None
+        self.manifest: dict[str, Any] | None = None
+        self.splits: dict[str, ShardedPairs] = {}
+        self._corpora: dict[str, ParallelCorpus] = {}  # raw text, for sample translations
+        self._train_sampler: TokenBatchSampler | None = None
+        self._sampler_state: dict[str, int] | None = None  # loaded from a checkpoint, waiting for the sampler
+
+    # -- Lightning hooks -----------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        prepare_dataset(self.cfg, self.output_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:
+            return
+        self.manifest = read_manifest(self.dataset_dir)
+        self.tokenizer = Tokenizer(self.dataset_dir / self.manifest["spm_model"]["file"])
+        if self.tokenizer.sha256 != self.manifest["spm_model"]["sha256"]:
+            raise RuntimeError(
+                f"{self.tokenizer.model_path} does not match the sha256 in {self.dataset_dir / 'manifest.json'}; "
+                "delete the dataset folder and prepare it again"
+            )
+        self.splits = {split: ShardedPairs(self.dataset_dir, split) for split in self.manifest["splits"]}
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world_size, epoch = self._placement()
+        sampler = TokenBatchSampler(
+            self.splits["train"].src_lengths,
+            self.splits["train"].tgt_lengths,
+            max_tokens=self.cfg["max_tokens"],
+            seed=self.seed,
+            shuffle=True,
+            rank=rank,
+            world_size=world_size,
+        )
+        sampler.set_epoch(epoch)
+        if self._sampler_state is not None:  # resuming from a checkpoint: continue mid-epoch
+            sampler.load_state_dict(self._sampler_state)
+            self._sampler_state = None
+        self._train_sampler = sampler
+        if self.trainer is not None and not self.trainer.reload_dataloaders_every_n_epochs:
+            rank_zero_warn(
+                "TranslationDataModule: set Trainer(reload_dataloaders_every_n_epochs=1): token batching gives "
+                "each epoch a slightly different number of batches, which Lightning reads only on reload"
+            )
+        return self._loader("train", sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    # -- resumable mid-epoch: Lightning stores this in every checkpoint ------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self._train_sampler is None:
+            return {"train_sampler": self._sampler_state} if self._sampler_state else {}
+        state = self._train_sampler.state_dict()
+        # The sampler runs ahead of training (Lightning prefetches a batch, workers prefetch more), so the
+        # batches it has yielded overcount. Lightning's own progress counter says how many were trained on.
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            state["batches_done"] = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_sampler": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("train_sampler")
+        if state is None:
+            return
+        if self._train_sampler is not None:
+            self._train_sampler.load_state_dict(state)
+        else:  # Lightning restores state before it asks for the dataloader: apply it then
+            self._sampler_state = dict(state)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def raw_pairs(self, split: str, n: int) -> list[tuple[str, str]]:
+        """The first n (source, reference) sentences of a split, as raw text from the corpus files."""
+        if split not in self._corpora:  # opened once: the LightningModule asks at every validation
+            files = corpus_paths(self.cfg)[split]
+            cache_dir = self.output_dir / ".cache" / "huggingface" / "datasets"
+            self._corpora[split] = ParallelCorpus(files["src"], files["tgt"], cache_dir)
+        return self._corpora[split].head(n)
+
+    def valid_examples(self, n: int) -> list[tuple[str, str]]:
+        """First n validation (source, reference) pairs: the sentences sample translations are shown for."""
+        return self.raw_pairs("valid", n)
+
+    def _placement(self) -> tuple[int, int, int]:
+        """(rank, world_size, epoch) from the attached Trainer, or a single process at epoch 0 without one."""
+        if self.trainer is None:
+            return 0, 1, 0
+        return self.trainer.global_rank, self.trainer.world_size, self.trainer.current_epoch
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        if split not in self.splits:
+            raise KeyError(f"no {split!r} split prepared in {self.dataset_dir}; add data.splits.{split}")
+        rank, world_size, _ = self._placement()
+        sampler = TokenBatchSampler(
+            self.splits[split].src_lengths,
+            self.splits[split].tgt_lengths,
+            max_tokens=self.cfg["max_tokens"],
+            seed=self.seed,
+            shuffle=False,  # sorted by length once: least padding, same batches every validation
+            rank=rank,
+            world_size=world_size,
+        )
+        return self._loader(split, sampler)
+
+    def _loader(self, split: str, sampler: TokenBatchSampler) -> DataLoader:
+        if self.tokenizer is None:
+            raise RuntimeError("TranslationDataModule.setup() must run before asking for a dataloader")
+        tok = self.tokenizer
+        num_workers = int(self.cfg.get("num_workers") or 0)
+        return DataLoader(
+            self.splits[split],
+            batch_sampler=sampler,
+            collate_fn=partial(collate_pairs, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id),
+            num_workers=num_workers,
+            persistent_workers=False,
+        )

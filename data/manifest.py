@@ -1,0 +1,56 @@
+"""manifest.json: what a prepared dataset folder contains, and the proof that its preparation finished.
+
+The manifest is written last, to a temporary name and then renamed, so its presence means every shard and
+the BPE model next to it are complete. It records where the data came from (sha256 of each input file), the
+BPE model's sha256, the resolved data config, and per shard its pair/token counts and file checksums.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1  # bump when the shard layout changes: the dataset fingerprint includes it
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to `path` so readers see either the old file or the whole new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(dataset_dir: Path) -> dict:
+    path = Path(dataset_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST_NAME} in {dataset_dir}: the dataset is not prepared (or its preparation was "
+            "interrupted); run TranslationDataModule.prepare_data() or data.prepare_dataset(...) first"
+        )
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version={manifest.get('format_version')}, this code reads {FORMAT_VERSION}; "
+            "delete the folder and prepare the dataset again"
+        )
+    return manifest
+
+
+def is_complete(dataset_dir: Path) -> bool:
+    """True when the manifest exists and every file it lists is present (checksums are checked on load)."""
+    try:
+        manifest = read_manifest(dataset_dir)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError):
+        return False
+    files = [manifest["spm_model"]["file"]]
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            files += [f["file"] for f in shard["files"].values()]
+    return all((Path(dataset_dir) / f).is_file() for f in files)

@@ -1,0 +1,330 @@
+"""Preparing a small real corpus (300 Multi30k pairs): BPE, shards, manifest, and the errors a user can hit.
+
+Every value is checked against an independent reference: the raw text read here with gzip, hashlib over the
+files, Python's own NFKC normalisation, or sentencepiece's output.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import unicodedata
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
+
+from data import (
+    CorpusFileNotFoundError,
+    ShardChecksumError,
+    ShardedPairs,
+    TokenBatchSampler,
+    Tokenizer,
+    TranslationDataModule,
+    collate_pairs,
+    dataset_dir_for,
+    prepare_dataset,
+    read_manifest,
+    train_sentencepiece,
+)
+
+CORPORA = Path(os.environ.get("CORPORA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+N_TRAIN, N_VALID, N_TEST = 300, 40, 30
+MAX_LEN = 60  # with a 200-token vocabulary this drops ~5% of the 300 training pairs
+
+
+def real_lines(name: str, n: int) -> list[str]:
+    path = CORPORA / "multi30k" / f"{name}.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: set CORPORA_DIR to the shared corpora folder")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [next(f).rstrip("\n") for _ in range(n)]
+
+
+def write_text(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in lines)
+    return path
+
+
+def data_cfg(corpora_dir: Path, **overrides):
+    cfg = {
+        "name": "tiny",
+        "corpora_dir": str(corpora_dir),
+        "src_lang": "en",
+        "tgt_lang": "de",
+        "splits": {
+            "train": {"src": "tiny/train.en.gz", "tgt": "tiny/train.de.gz"},  # gzip
+            "valid": {"src": "tiny/val.en", "tgt": "tiny/val.de"},  # plain text
+            "test": {"src": "tiny/test.en", "tgt": "tiny/test.de"},
+        },
+        "vocab_size": 200,
+        "spm_sample_lines": 100_000,
+        "max_len": MAX_LEN,
+        "max_tokens": 512,
+        "shard_pairs": 64,  # several shards, so indexing across shard boundaries is exercised
+        "num_workers": 0,
+    }
+    cfg.update(overrides)
+    return OmegaConf.create(cfg)
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict[str, list[str]]:
+    return {
+        "train.en": real_lines("train.en", N_TRAIN),
+        "train.de": real_lines("train.de", N_TRAIN),
+        "val.en": real_lines("val.en", N_VALID),
+        "val.de": real_lines("val.de", N_VALID),
+        "test.en": real_lines("test_2016_flickr.en", N_TEST),
+        "test.de": real_lines("test_2016_flickr.de", N_TEST),
+    }
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory, raw) -> Path:
+    root = tmp_path_factory.mktemp("corpora")
+    for name, lines in raw.items():
+        write_text(root / "tiny" / (name + (".gz" if name.startswith("train") else "")), lines)
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, corpora) -> tuple[Path, Path]:
+    output_dir = tmp_path_factory.mktemp("outputs")
+    return prepare_dataset(data_cfg(corpora), output_dir), output_dir
+
+
+def sp_text(text: str) -> str:
+    """What a sentencepiece round trip should give, computed without sentencepiece: NFKC, single spaces."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+# -- the prepared folder -----------------------------------------------------------------------------------
+def test_train_pairs_round_trip_and_long_pairs_are_dropped(prepared, raw):
+    dataset_dir, _ = prepared
+    tok = Tokenizer(dataset_dir / "spm.model")
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 3, 200)
+    # the pairs that should survive: both sides at most MAX_LEN tokens (sentencepiece as the reference)
+    src_ids, tgt_ids = tok.encode(raw["train.en"]), tok.encode(raw["train.de"])
+    kept = [i for i in range(N_TRAIN) if len(src_ids[i]) <= MAX_LEN and len(tgt_ids[i]) <= MAX_LEN]
+    assert 0 < len(kept) < N_TRAIN
+
+    train = ShardedPairs(dataset_dir, "train")
+    assert len(train) == len(kept)
+    for j, i in enumerate(kept):
+        src, tgt = train[j]
+        assert src.tolist() == src_ids[i] and tgt.tolist() == tgt_ids[i]
+        assert tok.decode([src, tgt]) == [sp_text(raw["train.en"][i]), sp_text(raw["train.de"][i])]
+        assert (train.src_lengths[j], train.tgt_lengths[j]) == (len(src_ids[i]), len(tgt_ids[i]))
+
+    split = read_manifest(dataset_dir)["splits"]["train"]
+    assert (split["lines"], split["pairs"], split["dropped_too_long"]) == (N_TRAIN, len(kept), N_TRAIN - len(kept))
+
+
+def test_valid_and_test_keep_every_line_in_order(prepared, raw):
+    dataset_dir, _ = prepared
+    tok = Tokenizer(dataset_dir / "spm.model")
+    for split, name, n in (("valid", "val", N_VALID), ("test", "test", N_TEST)):
+        pairs = ShardedPairs(dataset_dir, split)
+        assert len(pairs) == n
+        expected_src, expected_tgt = tok.encode(raw[f"{name}.en"]), tok.encode(raw[f"{name}.de"])
+        assert [pairs[i][0].tolist() for i in range(n)] == expected_src
+        assert [pairs[i][1].tolist() for i in range(n)] == expected_tgt
+
+
+def test_manifest_describes_the_files(prepared, corpora):
+    dataset_dir, output_dir = prepared
+    manifest = read_manifest(dataset_dir)
+    sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    assert dataset_dir.parent == output_dir / "data" and dataset_dir.name == f"tiny-{manifest['fingerprint'][:10]}"
+    assert manifest["source"]["files"]["train.src"]["sha256"] == sha(corpora / "tiny" / "train.en.gz")
+    assert manifest["source"]["files"]["valid.tgt"]["sha256"] == sha(corpora / "tiny" / "val.de")
+    assert manifest["spm_model"]["sha256"] == sha(dataset_dir / "spm.model")
+    assert manifest["config"]["max_len"] == MAX_LEN and manifest["token_dtype"] == "uint16"
+
+    shards = manifest["splits"]["train"]["shards"]
+    assert [s["pairs"] for s in shards] == [64, 64, 64, 64, manifest["splits"]["train"]["pairs"] - 256]
+    train = ShardedPairs(dataset_dir, "train")
+    assert sum(s["src_tokens"] for s in shards) == train.src_lengths.sum()
+    assert sum(s["tgt_tokens"] for s in shards) == train.tgt_lengths.sum()
+    for shard in shards:
+        for entry in shard["files"].values():
+            assert entry["sha256"] == sha(dataset_dir / entry["file"])
+        tokens = np.load(dataset_dir / shard["files"]["src"]["file"], mmap_mode="r")
+        assert tokens.dtype == np.uint16 and len(tokens) == shard["src_tokens"]
+    # nothing was written outside the output folder's cache
+    assert (output_dir / ".cache" / "huggingface" / "datasets").is_dir()
+
+
+def test_second_prepare_does_nothing(prepared, corpora, caplog):
+    dataset_dir, output_dir = prepared
+    before = (dataset_dir / "manifest.json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="data.prepare"):
+        assert prepare_dataset(data_cfg(corpora), output_dir) == dataset_dir
+    assert f"already prepared: {dataset_dir}" in caplog.text
+    assert (dataset_dir / "manifest.json").stat().st_mtime_ns == before
+    # a setting that changes the content gets its own folder
+    assert dataset_dir_for(data_cfg(corpora, max_len=20), output_dir) != dataset_dir
+    assert dataset_dir_for(data_cfg(corpora, max_tokens=9999), output_dir) == dataset_dir  # batching only
+
+
+# -- errors a user can hit ---------------------------------------------------------------------------------
+def test_tampered_shard_is_named(prepared, tmp_path):
+    dataset_dir, _ = prepared
+    copy = tmp_path / dataset_dir.name
+    shutil.copytree(dataset_dir, copy)
+    shard = copy / "train" / "shard-00001.tgt.npy"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # one token id changed; the file still loads as a valid array
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardChecksumError, match=str(shard)):
+        ShardedPairs(copy, "train")
+    ShardedPairs(copy, "valid")  # the other splits are untouched
+
+
+def test_mismatched_line_counts_name_both_files(tmp_path, raw):
+    corpora = tmp_path / "corpora"
+    write_text(corpora / "tiny" / "train.en.gz", raw["train.en"][:10])
+    write_text(corpora / "tiny" / "train.de.gz", raw["train.de"][:9])
+    cfg = data_cfg(corpora, splits={"train": {"src": "tiny/train.en.gz", "tgt": "tiny/train.de.gz"}})
+    with pytest.raises(ValueError) as err:
+        prepare_dataset(cfg, tmp_path / "out")
+    message = str(err.value)
+    assert str(corpora / "tiny" / "train.en.gz") in message and "10 lines" in message
+    assert str(corpora / "tiny" / "train.de.gz") in message and "has 9" in message
+
+
+def test_missing_file_names_path_and_how_to_fix(tmp_path):
+    cfg = data_cfg(tmp_path / "nowhere", splits={"train": {"src": "x/train.en", "tgt": "x/train.de"}})
+    with pytest.raises(CorpusFileNotFoundError) as err:
+        prepare_dataset(cfg, tmp_path / "out")
+    message = str(err.value)
+    assert str(tmp_path / "nowhere" / "x" / "train.en") in message
+    assert str(tmp_path / "nowhere") in message and "CORPORA_DIR" in message and "data.corpora_dir" in message
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_too_large_vocabulary_names_the_key(tmp_path, raw):
+    with pytest.raises(ValueError, match=r"model\.vocab_size=5000 .*at most \d+"):
+        train_sentencepiece(raw["train.en"][:30], tmp_path / "spm", vocab_size=5000, sample_lines=1000)
+
+
+def test_train_sentencepiece_reads_files(tmp_path, corpora, raw):
+    files = [corpora / "tiny" / "train.en.gz", corpora / "tiny" / "val.de"]
+    model = train_sentencepiece(files, tmp_path / "spm", vocab_size=150, sample_lines=1000)
+    tok = Tokenizer(model)
+    assert tok.vocab_size == 150 and model == tmp_path / "spm.model"
+    assert tok.decode(tok.encode(raw["val.de"][:5])) == [sp_text(s) for s in raw["val.de"][:5]]
+    # decode stops at the first eos and ignores pad/bos, as a model's output rows need
+    ids = tok.encode(["a dog"])[0]
+    assert tok.decode([[tok.bos_id, *ids, tok.eos_id, *ids, tok.pad_id]]) == ["a dog"]
+    assert tok.sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
+# -- the LightningDataModule -------------------------------------------------------------------------------
+def signature(batch: dict) -> tuple:
+    """Identifies a collated batch: its shape and token sums."""
+    return tuple(batch["src"].shape), int(batch["src"].sum()), int(batch["tgt_out"].sum())
+
+
+def expected_epoch(dataset_dir: Path, epoch: int, seed: int, max_tokens: int = 512) -> list[tuple]:
+    """The epoch's batches rebuilt directly from the sampler and collate_pairs, without the datamodule."""
+    train = ShardedPairs(dataset_dir, "train")
+    sampler = TokenBatchSampler(train.src_lengths, train.tgt_lengths, max_tokens=max_tokens, seed=seed)
+    sampler.set_epoch(epoch)
+    return [signature(collate_pairs([train[i] for i in batch], 0, 2, 3)) for batch in sampler]
+
+
+def test_datamodule_serves_every_pair_and_raw_examples(prepared, corpora, raw):
+    dataset_dir, output_dir = prepared
+    dm = TranslationDataModule(data_cfg(corpora), output_dir, seed=3)
+    assert dm.dataset_dir == dataset_dir
+    dm.prepare_data()  # already prepared: a no-op
+    dm.setup("fit")
+    assert dm.tokenizer.eos_id == 3
+    assert dm.valid_examples(3) == list(zip(raw["val.en"][:3], raw["val.de"][:3], strict=True))
+
+    train = dm.splits["train"]
+    batches = list(dm.train_dataloader())
+    assert [signature(b) for b in batches] == expected_epoch(dataset_dir, 0, seed=3)
+    assert sum(int(b["n_tgt_tokens"]) for b in batches) == train.tgt_lengths.sum() + len(train)  # + one eos each
+    valid = list(dm.val_dataloader())
+    assert sum(b["src"].shape[0] for b in valid) == N_VALID
+    assert all(b["src"].numel() <= 512 or b["src"].shape[0] == 1 for b in batches + valid)
+
+
+def test_datamodule_state_resumes_mid_epoch(prepared, corpora):
+    _, output_dir = prepared
+    first = TranslationDataModule(data_cfg(corpora), output_dir, seed=3)
+    first.setup("fit")
+    loader = iter(first.train_dataloader())
+    for _ in range(4):
+        next(loader)
+    state = first.state_dict()
+    assert state == {"train_sampler": {"epoch": 0, "batches_done": 4}}
+    rest = [signature(b) for b in loader]
+
+    resumed = TranslationDataModule(data_cfg(corpora), output_dir, seed=3)
+    resumed.setup("fit")
+    resumed.load_state_dict(state)  # Lightning restores state before it creates the dataloader
+    assert [signature(b) for b in resumed.train_dataloader()] == rest
+
+
+class Recorder(L.LightningModule):
+    """A model that learns nothing and records which batch it was given at every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[tuple[int, tuple]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.current_epoch, signature(batch)))
+        return self.w * batch["src"].float().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def fit(corpora: Path, output_dir: Path, ckpt_dir: Path, ckpt_path: Path | None = None) -> list[tuple]:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        reload_dataloaders_every_n_epochs=1,  # what TranslationDataModule asks for
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=3, save_top_k=-1)],
+    )
+    module = Recorder()
+    # One DataLoader worker: it prefetches batches, so the sampler runs ahead of the steps actually trained
+    # (the resume position must come from Lightning's step count), and batches must not depend on workers.
+    datamodule = TranslationDataModule(data_cfg(corpora, num_workers=1), output_dir, seed=3)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return module.seen
+
+
+def test_lightning_trains_each_epoch_and_resumes_mid_epoch(prepared, corpora, tmp_path):
+    dataset_dir, output_dir = prepared
+    epoch0, epoch1 = expected_epoch(dataset_dir, 0, seed=3), expected_epoch(dataset_dir, 1, seed=3)
+    assert epoch0 != epoch1
+
+    seen = fit(corpora, output_dir, tmp_path)
+    assert [s for e, s in seen if e == 0] == epoch0
+    assert [s for e, s in seen if e == 1] == epoch1
+    # restart from the checkpoint saved after step 3 of epoch 0: the rest of epoch 0, then epoch 1
+    resumed = fit(corpora, output_dir, tmp_path / "again", ckpt_path=tmp_path / "step=3.ckpt")
+    assert [s for _, s in resumed] == epoch0[3:] + epoch1
