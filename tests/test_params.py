@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+from pipeline import cli
 from pipeline.config import load_config
 from pipeline.params import count_parameters
 
@@ -40,16 +41,15 @@ def test_untied_embeddings_add_two_matrices():
     assert untied["params"] - tied["params"] == 2 * 37000 * 512
 
 
-def test_cli_prints_one_json_line():
-    out = (
-        subprocess.run(
-            [sys.executable, "-m", "pipeline", "params", "model=base", "model.vocab_size=37000"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        .stdout.strip()
-        .splitlines()
-    )
+def test_cli_prints_one_json_line(capsys):
+    """`aiayn params model=base model.vocab_size=37000`, through the CLI's own argument parsing."""
+    cli.main(["params", "model=base", "model.vocab_size=37000"])
+    out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
-    assert json.loads(out[0])["params"] == 63_082_496
+    assert json.loads(out[0]) == hand_count(vocab=37000, n=6, d=512, d_ff=2048)
+
+
+def test_python_dash_m_pipeline_is_the_cli():
+    """`python -m pipeline` runs the same entry point as the `aiayn` script (help only: no torch import needed)."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=True)
+    assert proc.stdout.startswith("usage: aiayn") and all(c in proc.stdout for c in ("train", "params", "config"))
