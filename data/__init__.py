@@ -1,31 +1,38 @@
-"""aiayn's data pipeline: parallel text -> joint BPE -> memory-mapped shards -> token-count batches (section 5.1)."""
+"""aiayn's data pipeline: parallel text -> joint BPE -> memory-mapped shards -> token-count batches (section 5.1).
 
-from data.batching import TokenBatchSampler
-from data.collate import collate_pairs
-from data.corpus import CorpusFileNotFoundError, ParallelCorpus, resolve_corpus_path
-from data.datamodule import TranslationDataModule
-from data.manifest import read_manifest
-from data.prepare import dataset_dir_for, dataset_fingerprint, prepare_dataset
-from data.shards import ShardChecksumError, ShardedPairs
-from data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_sentencepiece
+Names are imported lazily (PEP 562), so `aiayn prepare` and `aiayn data stats` never import torch/Lightning:
+only TranslationDataModule needs them.
+"""
 
-__all__ = [
-    "BOS_ID",
-    "EOS_ID",
-    "PAD_ID",
-    "UNK_ID",
-    "CorpusFileNotFoundError",
-    "ParallelCorpus",
-    "ShardChecksumError",
-    "ShardedPairs",
-    "TokenBatchSampler",
-    "Tokenizer",
-    "TranslationDataModule",
-    "collate_pairs",
-    "dataset_dir_for",
-    "dataset_fingerprint",
-    "prepare_dataset",
-    "read_manifest",
-    "resolve_corpus_path",
-    "train_sentencepiece",
-]
+from importlib import import_module
+from typing import Any
+
+_WHERE = {
+    "TokenBatchSampler": "data.batching",
+    "collate_pairs": "data.collate",
+    "Cleaner": "data.clean",
+    "ParallelCorpus": "data.corpus",
+    "TranslationDataModule": "data.datamodule",
+    "CorpusFileNotFoundError": "data.errors",
+    "DataError": "data.errors",
+    "read_manifest": "data.manifest",
+    "dataset_dir_for": "data.prepare",
+    "dataset_fingerprint": "data.prepare",
+    "prepare_dataset": "data.prepare",
+    "ShardChecksumError": "data.shards",
+    "ShardedPairs": "data.shards",
+    "resolve_corpus_path": "data.sources",
+    "BOS_ID": "data.tokenizer",
+    "EOS_ID": "data.tokenizer",
+    "PAD_ID": "data.tokenizer",
+    "UNK_ID": "data.tokenizer",
+    "Tokenizer": "data.tokenizer",
+    "train_sentencepiece": "data.tokenizer",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'data' has no attribute {name!r}")
+    return getattr(import_module(_WHERE[name]), name)

@@ -1,10 +1,9 @@
-"""Reading a parallel corpus: line i of the source file is the translation of line i of the target file.
+"""Reading a parallel corpus: pair i is line i of the source side and line i of the target side.
 
 Section 5.1 trains on "the standard WMT 2014 English-German dataset consisting of about 4.5 million sentence
-pairs". Those pairs come as two plain (or gzip-compressed) text files per split, one sentence per line. We read
-them with Hugging Face `datasets`' "text" builder: it decompresses .gz, and writes the lines once into an
-Arrow file on disk that is memory-mapped afterwards, so 4.5M pairs cost flat memory and a second pass over
-the text (BPE training, then encoding) is a cheap re-read instead of a second decompression.
+pairs". data/sources.py reads each split (text file pairs, TSV, JSONL, parquet or a Hub dataset) into an Arrow
+file on disk that is memory-mapped afterwards, so 4.5M pairs cost flat memory and a second pass over the text
+(BPE training, then encoding) is a cheap re-read instead of a second decompression.
 """
 
 from __future__ import annotations
@@ -14,33 +13,13 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-# The corpora are local files: never let `datasets` look for a dataset on the Hub (this machine, CI and the
-# tests have no internet). Must be set before `datasets` is imported; setdefault keeps an explicit choice.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import datasets
+import pyarrow.compute as pc
 
-import datasets  # noqa: E402  (after the environment variable above)
+from data.errors import BadLineError, CorpusFileNotFoundError
+from data.sources import Source, load_split, resolve_corpus_path
 
-
-class CorpusFileNotFoundError(FileNotFoundError):
-    """A corpus file named in the data config does not exist."""
-
-
-def resolve_corpus_path(path: str | os.PathLike, corpora_dir: str | os.PathLike | None) -> Path:
-    """A split file from the data config: relative paths are taken inside `corpora_dir`."""
-    path = Path(path).expanduser()
-    if not path.is_absolute():
-        if corpora_dir is None:
-            raise CorpusFileNotFoundError(
-                f"corpus file {path} is a relative path but no corpora folder is configured: "
-                "set CORPORA_DIR or data.corpora_dir=... to the folder holding the corpora"
-            )
-        path = Path(corpora_dir).expanduser() / path
-    if not path.is_file():
-        raise CorpusFileNotFoundError(
-            f"corpus file not found: {path} (looked in corpora folder {corpora_dir}); "
-            "set CORPORA_DIR or data.corpora_dir=... to the folder holding the corpora"
-        )
-    return path
+__all__ = ["CorpusFileNotFoundError", "ParallelCorpus", "file_sha256", "resolve_corpus_path"]
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
@@ -52,42 +31,49 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_lines(path: Path, cache_dir: Path) -> datasets.Dataset:
-    """All lines of one text file (plain or .gz) as an on-disk Arrow table with one column, "text".
-
-    The "text" builder splits on "\\n" only and strips the line break, so row i is line i of the file (empty
-    lines included, which keeps two files of a pair aligned). The Arrow copy is cached under `cache_dir`,
-    keyed by the file's path and modification time, so the second read of a file is instant.
-    """
-    return datasets.load_dataset(
-        "text", data_files=str(path), split="train", cache_dir=str(cache_dir), keep_linebreaks=False
-    )
-
-
 class ParallelCorpus:
-    """One split (train, valid or test) of a sentence-aligned parallel corpus: a source and a target file."""
+    """One split (train, valid or test) of a sentence-aligned parallel corpus, from one or more sources."""
 
-    def __init__(self, src_path: Path, tgt_path: Path, cache_dir: Path):
-        self.src_path, self.tgt_path = Path(src_path), Path(tgt_path)
-        self.src = read_lines(self.src_path, cache_dir)
-        self.tgt = read_lines(self.tgt_path, cache_dir)
-        # Every later step pairs line i with line i, so one missing line would shift every pair after it.
-        if len(self.src) != len(self.tgt):
-            raise ValueError(
-                f"source and target line counts differ: {self.src_path} has {len(self.src)} lines but "
-                f"{self.tgt_path} has {len(self.tgt)}; line i of one must translate line i of the other, "
-                "so fix the files (or point the data config at a matching pair)"
-            )
+    def __init__(self, split: str, sources: list[Source], cache_dir: Path):
+        self.split, self.sources = split, sources
+        self.data: datasets.Dataset = load_split(sources, cache_dir)  # columns: data.sources.FEATURES
 
     def __len__(self) -> int:
-        return len(self.src)
+        return len(self.data)
 
-    def batches(self, batch_size: int = 10_000) -> Iterator[tuple[list[str], list[str]]]:
-        """(source sentences, target sentences) in file order, `batch_size` pairs at a time."""
-        for src, tgt in zip(self.src.iter(batch_size=batch_size), self.tgt.iter(batch_size=batch_size), strict=True):
-            yield src["text"], tgt["text"]
+    def issues(self) -> dict[str, int]:
+        """How many pairs have each kind of unusable line (invalid_utf8, line_too_long, ...)."""
+        column = self.data.data.column("issue").drop_null()
+        return {str(row["values"]): int(row["counts"]) for row in pc.value_counts(column).to_pylist()}
+
+    def crlf_lines(self) -> int:
+        """Lines that ended in "\\r\\n" (the "\\r" was removed)."""
+        return int(pc.sum(self.data.data.column("crlf")).as_py() or 0)
+
+    def first_issue(self) -> str | None:
+        """ "<file> line <n>: <problem>" of the first unusable line, or None."""
+        column = self.data.data.column("where")
+        if column.null_count == len(column):
+            return None
+        index = pc.index(pc.is_valid(column), True).as_py()
+        return column[index].as_py()
+
+    def check(self, on_bad_line: str) -> None:
+        """Raise on the first unusable line unless bad lines may be skipped (train with on_bad_line=skip)."""
+        if on_bad_line == "skip" or (where := self.first_issue()) is None:
+            return
+        if self.split == "train":
+            advice = "fix the file, or set data.clean.on_bad_line=skip to skip such pairs (they are counted)"
+        else:
+            advice = f"fix the file: the {self.split} split keeps every line, so pair i stays line i of the reference"
+        raise BadLineError(f"{where}; {advice}")
+
+    def batches(self, batch_size: int = 10_000) -> Iterator[tuple[list[str], list[str], list[str | None]]]:
+        """(source sentences, target sentences, issues) in file order, `batch_size` pairs at a time."""
+        for batch in self.data.iter(batch_size=batch_size):
+            yield batch["src"], batch["tgt"], batch["issue"]
 
     def head(self, n: int) -> list[tuple[str, str]]:
         """The first n (source, target) pairs, e.g. to show sample translations of validation sentences."""
-        n = min(n, len(self))
-        return list(zip(self.src[:n]["text"], self.tgt[:n]["text"], strict=True))
+        rows = self.data[: min(n, len(self))]
+        return list(zip(rows["src"], rows["tgt"], strict=True))

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 from data.batching import TokenBatchSampler
 from data.collate import collate_pairs
 from data.corpus import ParallelCorpus
-from data.manifest import read_manifest
-from data.prepare import corpus_paths, dataset_dir_for, prepare_dataset, resolve_data_config
+from data.manifest import read_manifest, verify_spm_model
+from data.prepare import dataset_dir_for, prepare_dataset, resolve_data_config, split_sources
 from data.shards import ShardedPairs
 from data.tokenizer import Tokenizer
 
@@ -55,11 +55,7 @@ class TranslationDataModule(L.LightningDataModule):
             return
         self.manifest = read_manifest(self.dataset_dir)
         self.tokenizer = Tokenizer(self.dataset_dir / self.manifest["spm_model"]["file"])
-        if self.tokenizer.sha256 != self.manifest["spm_model"]["sha256"]:
-            raise RuntimeError(
-                f"{self.tokenizer.model_path} does not match the sha256 in {self.dataset_dir / 'manifest.json'}; "
-                "delete the dataset folder and prepare it again"
-            )
+        verify_spm_model(self.dataset_dir, self.manifest, self.tokenizer.sha256)
         self.splits = {split: ShardedPairs(self.dataset_dir, split) for split in self.manifest["splits"]}
 
     def train_dataloader(self) -> DataLoader:
@@ -115,9 +111,8 @@ class TranslationDataModule(L.LightningDataModule):
     def raw_pairs(self, split: str, n: int) -> list[tuple[str, str]]:
         """The first n (source, reference) sentences of a split, as raw text from the corpus files."""
         if split not in self._corpora:  # opened once: the LightningModule asks at every validation
-            files = corpus_paths(self.cfg)[split]
             cache_dir = self.output_dir / ".cache" / "huggingface" / "datasets"
-            self._corpora[split] = ParallelCorpus(files["src"], files["tgt"], cache_dir)
+            self._corpora[split] = ParallelCorpus(split, split_sources(self.cfg)[split], cache_dir)
         return self._corpora[split].head(n)
 
     def valid_examples(self, n: int) -> list[tuple[str, str]]:

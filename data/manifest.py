@@ -7,10 +7,13 @@ BPE model's sha256, the resolved data config, and per shard its pair/token count
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from data.errors import DatasetNotPreparedError, SpmModelMismatchError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1  # bump when the shard layout changes: the dataset fingerprint includes it
@@ -29,9 +32,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def read_manifest(dataset_dir: Path) -> dict:
     path = Path(dataset_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DatasetNotPreparedError(
             f"no {MANIFEST_NAME} in {dataset_dir}: the dataset is not prepared (or its preparation was "
-            "interrupted); run TranslationDataModule.prepare_data() or data.prepare_dataset(...) first"
+            "interrupted); run `aiayn prepare` with the same overrides (or data.prepare_dataset(...)) first"
         )
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
@@ -54,3 +57,21 @@ def is_complete(dataset_dir: Path) -> bool:
         for shard in split["shards"]:
             files += [f["file"] for f in shard["files"].values()]
     return all((Path(dataset_dir) / f).is_file() for f in files)
+
+
+def verify_spm_model(dataset_dir: Path, manifest: dict, sha256: str | None = None) -> None:
+    """The sentencepiece model beside the manifest must be the one its shards were encoded with.
+
+    Ids from one BPE model read with another are silently wrong text, so a mismatch is an error naming the
+    manifest, the model file and both sha256s. `sha256` may be passed if the caller already hashed the model.
+    """
+    model = Path(dataset_dir) / manifest["spm_model"]["file"]
+    if sha256 is None:
+        sha256 = hashlib.sha256(model.read_bytes()).hexdigest() if model.is_file() else "missing"
+    expected = manifest["spm_model"]["sha256"]
+    if sha256 != expected:
+        raise SpmModelMismatchError(
+            f"{Path(dataset_dir) / MANIFEST_NAME} was written with the sentencepiece model sha256 {expected}, but "
+            f"{model} has sha256 {sha256}; its token ids belong to another vocabulary: delete {dataset_dir} "
+            "and prepare it again"
+        )

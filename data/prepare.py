@@ -6,9 +6,10 @@
         valid/..., test/...
         manifest.json                 written last: its presence means the folder is complete
 
-The fingerprint hashes everything that changes the folder's content (the input files' sha256, the vocabulary
-size, max_len, ...), so every DDP rank computes the same folder name on its own, a changed setting gets a new
-folder, and preparing twice with the same inputs does nothing the second time.
+The fingerprint hashes everything that changes the folder's content (the input files' sha256, or a Hub dataset's
+name/config/split/revision; the vocabulary size, max_len, the cleaning steps, ...), so every DDP rank computes the
+same folder name on its own, a changed setting gets a new folder beside the old one, and preparing twice with the
+same inputs does nothing the second time.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from filelock import FileLock  # a dependency of `datasets` and torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from data.corpus import ParallelCorpus, file_sha256, resolve_corpus_path
+from data.clean import Cleaner, resolve_clean_config
+from data.corpus import ParallelCorpus, file_sha256
 from data.manifest import FORMAT_VERSION, MANIFEST_NAME, is_complete, write_json_atomic
 from data.shards import ShardWriter, token_dtype
+from data.sources import READER_VERSION, Source, describe, parse_split
 from data.tokenizer import Tokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,10 @@ log = logging.getLogger(__name__)
 REQUIRED_KEYS = ("name", "splits", "vocab_size", "spm_sample_lines", "max_len", "max_tokens", "shard_pairs")
 # The keys that change what ends up in the folder. max_tokens and num_workers only change batching.
 CONTENT_KEYS = ("src_lang", "tgt_lang", "vocab_size", "spm_sample_lines", "max_len", "shard_pairs")
-ENCODE_BATCH = 10_000  # sentences per sentencepiece.encode call (~0.1 s of work on 2 threads)
+# Sentences per sentencepiece.encode call (~0.1 s of work on 2 threads). Each call encodes its batch on all cores
+# (num_threads=os.cpu_count(), C++ threads outside the GIL): that is the parallel encoding, with one batch of text
+# and ids in memory at a time, so memory stays flat however large the corpus is.
+ENCODE_BATCH = 10_000
 SPM_SEED = 1
 
 
@@ -51,34 +57,31 @@ def resolve_data_config(data_cfg: DictConfig | dict) -> dict[str, Any]:
     return cfg
 
 
-def corpus_paths(cfg: dict[str, Any]) -> dict[str, dict[str, Path]]:
-    """{split: {"src": Path, "tgt": Path}}, relative paths resolved against data.corpora_dir (or $CORPORA_DIR)."""
-    corpora_dir = cfg.get("corpora_dir") or os.environ.get("CORPORA_DIR")
-    paths = {}
-    for split, files in cfg["splits"].items():
-        for side in ("src", "tgt"):
-            if side not in files:
-                raise KeyError(f"data.splits.{split} has no '{side}' file (it needs both 'src' and 'tgt')")
-        paths[split] = {side: resolve_corpus_path(files[side], corpora_dir) for side in ("src", "tgt")}
-    return paths
+def split_sources(cfg: dict[str, Any]) -> dict[str, list[Source]]:
+    """{split: [Source, ...]} from data.splits (layouts in data/sources.py); files are checked to exist."""
+    return {split: parse_split(split, spec, cfg) for split, spec in cfg["splits"].items()}
 
 
 def dataset_fingerprint(data_cfg: DictConfig | dict) -> tuple[str, dict[str, Any]]:
     """sha256 over the input files' CONTENT (not path or mtime: a copied corpus keeps its folder) + content keys.
 
+    A Hub source counts by its name, config, split and revision (pin `revision` for a fixed fingerprint).
     Returns (fingerprint hex, the input description stored in the manifest as "source").
     """
     cfg = resolve_data_config(data_cfg)
-    source = {
-        f"{split}.{side}": {"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
-        for split, sides in corpus_paths(cfg).items()
-        for side, path in sides.items()
-    }
+    sources = [s for group in split_sources(cfg).values() for s in group]
+    sha = {path: file_sha256(path) for s in sources for path in s.files.values()}
+    source = {key: entry for s in sources for key, entry in describe(s, sha).items()}
     identity = {
         "format_version": FORMAT_VERSION,
+        "reader_version": READER_VERSION,
         "sentencepiece": spm.__version__,
         "config": {k: cfg.get(k) for k in CONTENT_KEYS},
-        "inputs": {key: entry["sha256"] for key, entry in source.items()},
+        "clean": resolve_clean_config(cfg.get("clean")),
+        # what identifies each input: its bytes' sha256 and read options, never its path
+        "inputs": {
+            key: {k: v for k, v in entry.items() if k not in ("path", "bytes")} for key, entry in source.items()
+        },
     }
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return fingerprint, source
@@ -109,15 +112,17 @@ def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) 
             return dataset_dir
         log.info("preparing %s in %s", cfg["name"], dataset_dir)
         cache_dir = output_dir / ".cache" / "huggingface" / "datasets"
-        # Open every split first: a missing file or a line-count mismatch fails now, not after BPE training.
-        corpora = {
-            split: ParallelCorpus(files["src"], files["tgt"], cache_dir) for split, files in corpus_paths(cfg).items()
-        }
+        clean = resolve_clean_config(cfg.get("clean"))
+        # Read every split first: a missing or broken file, a bad line or a line-count mismatch fails now, not
+        # after BPE training. Bad lines may be skipped (and counted) in train only: see ParallelCorpus.check.
+        corpora = {split: ParallelCorpus(split, sources, cache_dir) for split, sources in split_sources(cfg).items()}
+        for split, corpus in corpora.items():
+            corpus.check(clean["on_bad_line"] if split == "train" else "error")
 
-        model_path = _train_bpe(corpora["train"], dataset_dir, cfg)
+        model_path = _train_bpe(corpora["train"], dataset_dir, cfg, clean)
         tokenizer = Tokenizer(model_path)
         splits = {
-            split: _encode_split(corpus, split, tokenizer, dataset_dir, cfg, drop_long=(split == "train"))
+            split: _encode_split(corpus, split, tokenizer, dataset_dir, cfg, Cleaner(clean, filters=split == "train"))
             for split, corpus in corpora.items()
         }
 
@@ -125,7 +130,10 @@ def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) 
             "format_version": FORMAT_VERSION,
             "name": cfg["name"],
             "fingerprint": fingerprint,
-            "source": {"fingerprint_method": "sha256 of each input file's bytes", "files": source},
+            "source": {
+                "fingerprint_method": "sha256 of each input file's bytes (Hub: name, config, split, revision)",
+                "files": source,
+            },
             "spm_model": {"file": model_path.name, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
             "special_ids": {
                 "pad": tokenizer.pad_id,
@@ -134,7 +142,7 @@ def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) 
                 "eos": tokenizer.eos_id,
             },
             "token_dtype": token_dtype(tokenizer.vocab_size).name,
-            "config": cfg,
+            "config": {**cfg, "clean": clean},
             "splits": splits,
         }
         write_json_atomic(dataset_dir / MANIFEST_NAME, manifest)  # last: the folder is now complete
@@ -142,15 +150,17 @@ def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) 
     return dataset_dir
 
 
-def _train_bpe(train: ParallelCorpus, dataset_dir: Path, cfg: dict[str, Any]) -> Path:
-    """One BPE model over the source AND target side of the training split (shared vocabulary, section 5.1)."""
+def _train_bpe(train: ParallelCorpus, dataset_dir: Path, cfg: dict[str, Any], clean: dict[str, Any]) -> Path:
+    """One BPE model over the source AND target side of the cleaned training split (shared vocabulary, section 5.1)."""
+    cleaner = Cleaner(clean, filters=True)  # the same pairs the encoding pass will keep
 
     def both_sides() -> Iterator[str]:
-        with tqdm(total=2 * len(train), desc="BPE: reading train text", unit="lines") as bar:
-            for side in (train.src, train.tgt):
-                for batch in side.iter(batch_size=ENCODE_BATCH):
-                    yield from batch["text"]
-                    bar.update(len(batch["text"]))
+        with tqdm(total=len(train), desc="BPE: reading train text", unit="pairs") as bar:
+            for src, tgt, issues in train.batches(ENCODE_BATCH):
+                kept_src, kept_tgt = cleaner(src, tgt, issues)
+                yield from kept_src
+                yield from kept_tgt
+                bar.update(len(src))
 
     log.info(
         "training the joint BPE model: vocab_size=%d on a sample of at most %d lines",
@@ -166,16 +176,17 @@ def _train_bpe(train: ParallelCorpus, dataset_dir: Path, cfg: dict[str, Any]) ->
 
 
 def _encode_split(
-    corpus: ParallelCorpus, split: str, tokenizer: Tokenizer, dataset_dir: Path, cfg: dict[str, Any], drop_long: bool
+    corpus: ParallelCorpus, split: str, tokenizer: Tokenizer, dataset_dir: Path, cfg: dict[str, Any], cleaner: Cleaner
 ) -> dict[str, Any]:
-    """Encode one split into shards. Training pairs with a side longer than max_len tokens, or an empty side,
-    are dropped (they would blow up a batch's padding or teach nothing); valid/test keep every line so that
+    """Clean and encode one split into shards. Training pairs with a side longer than max_len tokens, or an empty
+    side, are dropped (they would blow up a batch's padding or teach nothing); valid/test keep every line so that
     pair i is still line i of the reference file."""
     writer = ShardWriter(dataset_dir, split, token_dtype(tokenizer.vocab_size), cfg["shard_pairs"])
-    max_len = cfg["max_len"]
+    max_len, drop_long = cfg["max_len"], cleaner.filters
     too_long = empty = 0
     with tqdm(total=len(corpus), desc=f"encoding {split}", unit="pairs") as bar:
-        for src_text, tgt_text in corpus.batches(ENCODE_BATCH):
+        for raw_src, raw_tgt, issues in corpus.batches(ENCODE_BATCH):
+            src_text, tgt_text = cleaner(raw_src, raw_tgt, issues)
             src_ids, tgt_ids = tokenizer.encode(src_text), tokenizer.encode(tgt_text)
             if drop_long:
                 keep = []
@@ -188,16 +199,23 @@ def _encode_split(
                         keep.append(i)
                 src_ids, tgt_ids = [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
             writer.add(src_ids, tgt_ids)
-            bar.update(len(src_text))
+            bar.update(len(raw_src))
     shards = writer.close()
-    if drop_long and too_long + empty:
+    report = cleaner.report()
+    if drop_long and too_long + empty + sum(report["removed"].values()):
         log.info(
-            "%s: dropped %d pairs longer than max_len=%d and %d with an empty side", split, too_long, max_len, empty
+            "%s: removed %s; dropped %d pairs longer than max_len=%d and %d with an empty side",
+            split,
+            report["removed"],
+            too_long,
+            max_len,
+            empty,
         )
     return {
-        "src_file": str(corpus.src_path),
-        "tgt_file": str(corpus.tgt_path),
+        "sources": [s.key for s in corpus.sources],
         "lines": len(corpus),
+        "crlf_lines": corpus.crlf_lines(),
+        "clean": report,
         "pairs": sum(s["pairs"] for s in shards),
         "dropped_too_long": too_long,
         "dropped_empty": empty,

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from data.errors import DataError
 from data.manifest import read_manifest
 
 
-class ShardChecksumError(RuntimeError):
+class ShardChecksumError(DataError, RuntimeError):
     """A shard file's bytes differ from the sha256 recorded in the manifest (corrupted or edited)."""
 
 
@@ -131,7 +132,8 @@ class ShardedPairs:
                 if _sha256(path) != entry["sha256"]:
                     raise ShardChecksumError(
                         f"shard file {path} does not match the sha256 in {self.dataset_dir / 'manifest.json'} "
-                        "(corrupted or modified); delete the dataset folder and prepare it again"
+                        f"(expected {entry['sha256']}: corrupted or modified); delete {self.dataset_dir} and "
+                        "prepare it again"
                     )
 
     def _mmap(self, shard: dict, kind: str) -> np.ndarray:

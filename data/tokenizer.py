@@ -18,6 +18,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from data.errors import VocabSizeError
+
 # Fixed special ids, the same for every vocabulary size: padding is 0 so a freshly zeroed tensor is all
 # padding, and the model/loss code can rely on these numbers.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -71,7 +73,7 @@ def train_sentencepiece(
             raise
         limit = re.search(r"<=\s*(\d+)", str(err))
         supported = f"at most {limit.group(1)}" if limit else "fewer"
-        raise ValueError(
+        raise VocabSizeError(
             f"model.vocab_size={vocab_size} is more BPE tokens than the training text supports ({supported}); "
             "lower model.vocab_size (data.vocab_size follows it) or train on more text"
         ) from err

@@ -1,8 +1,10 @@
 """The `aiayn` command: one entry point for every stage of the pipeline.
 
-    aiayn train  [overrides...]     train the configured experiment
-    aiayn params [overrides...]     print the model's parameter count as JSON
-    aiayn config [overrides...]     print the resolved config
+    aiayn train   [overrides...]      train the configured experiment
+    aiayn prepare [overrides...]      clean, BPE-encode and shard the configured data (data=multi30k, data=tiny, ...)
+    aiayn data stats [overrides...]   pairs, tokens, length percentiles, unk rate and cleaning counts of that data
+    aiayn params  [overrides...]      print the model's parameter count as JSON
+    aiayn config  [overrides...]      print the resolved config
 
 Overrides are Hydra's: `model=base`, `trainer.max_steps=50`, `data.max_tokens=2048`, ...
 """
@@ -15,13 +17,39 @@ import sys
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from pipeline.config import load_config
+from pipeline.config import load_config, output_dir
 
 
 def _train(cfg) -> None:
     from pipeline.train import main
 
     main(cfg)
+
+
+def _prepare(cfg) -> None:
+    from data.manifest import is_complete
+    from data.prepare import dataset_dir_for, prepare_dataset
+
+    dataset_dir = dataset_dir_for(cfg.data, output_dir(cfg))
+    if is_complete(dataset_dir):
+        print(f"already prepared: {dataset_dir}")
+        return
+    print(prepare_dataset(cfg.data, output_dir(cfg)))
+
+
+def _data_stats(cfg) -> None:
+    from data.manifest import is_complete
+    from data.prepare import dataset_dir_for
+    from data.stats import dataset_stats, format_stats
+
+    dataset_dir = dataset_dir_for(cfg.data, output_dir(cfg))
+    if not is_complete(dataset_dir):
+        from data.errors import DatasetNotPreparedError
+
+        raise DatasetNotPreparedError(
+            f"{cfg.data.name} is not prepared yet ({dataset_dir}); run `aiayn prepare` with the same overrides first"
+        )
+    print(format_stats(dataset_stats(dataset_dir)))
 
 
 def _params(cfg) -> None:
@@ -36,6 +64,8 @@ def _config(cfg) -> None:
 
 COMMANDS = {
     "train": (_train, "train the configured experiment"),
+    "prepare": (_prepare, "clean, BPE-encode and shard the configured data; prints the dataset folder"),
+    "data stats": (_data_stats, "pairs, tokens, length percentiles, unk rate and cleaning counts of the prepared data"),
     "params": (_params, "print trainable parameter counts as one JSON line"),
     "config": (_config, "print the resolved configuration"),
 }
@@ -48,16 +78,30 @@ def main(argv: list[str] | None = None) -> None:
         epilog="Any config value can be overridden Hydra-style: aiayn train model=base trainer.max_steps=50",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}  # "data" of "data stats"
     for name, (_, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text)
+        group, _, action = name.rpartition(" ")
+        if group and group not in groups:
+            groups[group] = sub.add_parser(group, help=f"{group} tools").add_subparsers(
+                dest="action", required=True, metavar="ACTION"
+            )
+        cmd = (groups[group] if group else sub).add_parser(action, help=help_text)
         cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=base trainer.max_steps=50")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    command = f"{args.command} {args.action}" if getattr(args, "action", None) else args.command
     try:
         cfg = load_config(args.overrides)
     except ConfigCompositionException as err:  # a bad override: say which, without a Hydra traceback
         cause = f" ({err.__cause__})" if err.__cause__ else ""
-        parser.exit(2, f"aiayn {args.command}: {err}{cause}\n")
-    COMMANDS[args.command][0](cfg)
+        parser.exit(2, f"aiayn {command}: {err}{cause}\n")
+    try:
+        COMMANDS[command][0](cfg)
+    except Exception as err:
+        from data.errors import DataError  # a bad corpus or config: one line that names the file/key, no traceback
+
+        if not isinstance(err, DataError):
+            raise
+        parser.exit(1, f"aiayn {command}: {err}\n")
 
 
 if __name__ == "__main__":

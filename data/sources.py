@@ -1,0 +1,383 @@
+"""Where a split's sentence pairs come from: text file pairs, TSV, JSON lines, parquet or a Hugging Face Hub dataset.
+
+A split under `data.splits` is one source, or a list of sources read one after the other (e.g. several WMT
+news test sets used as one training set):
+
+    {src: a.en.gz, tgt: a.de.gz}                        two aligned text files, plain or .gz: line i <-> line i
+    {tsv: pairs.tsv.gz, src_col: 0, tgt_col: 1}         one tab-separated file (extra columns are ignored)
+    {jsonl: pairs.jsonl, src_field: en, tgt_field: de}  JSON lines; the fields default to data.src_lang/tgt_lang and
+                                                        are also found inside HF's {"translation": {"en":.., "de":..}}
+    {parquet: pairs.parquet, src_field: .., tgt_field: ..}
+    {hub: wmt14, hub_config: de-en, hub_split: train, revision: null}   datasets.load_dataset (needs internet once)
+
+Every source becomes an on-disk, memory-mapped Arrow table (flat memory at any corpus size) with the columns
+    src, tgt   the raw text of the pair
+    issue      null, or why the pair cannot be used: invalid_utf8, line_too_long, bad_columns, bad_json, missing_field
+    where      null, or "<file> line <n>: <what is wrong>" for that issue
+    crlf       how many of the pair's lines ended in "\\r\\n" (the "\\r" is removed and counted, never an error)
+
+Line-based files (text, TSV, JSONL) are read by `read_lines` below and written with HF `datasets`' "generator"
+builder, not its "text"/"csv"/"json" builders: the "text" builder opens files with universal newlines, so a stray
+"\\r" inside a line silently splits it in two (and shifts every later pair), and it fails on invalid UTF-8 without
+naming the line; pandas' csv reader treats quotes and "NA" specially. Reading the bytes ourselves keeps row i
+exactly line i, and turns each problem into a row that on_bad_line=error reports by file and line, or
+on_bad_line=skip skips and counts. Parquet and Hub sources use the "parquet" builder and `load_dataset`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import datasets
+
+from data.errors import (
+    CorpusFileNotFoundError,
+    CorruptFileError,
+    EmptyCorpusFileError,
+    HubSourceError,
+    LineCountError,
+    SourceConfigError,
+)
+
+MAX_LINE_BYTES = 1 << 20  # a "sentence" over 1 MiB is a broken file (a missing newline), not a sentence
+READER_VERSION = 1  # part of the Arrow cache key: bump when read_lines or the row layout changes
+FEATURES = datasets.Features(
+    {
+        "src": datasets.Value("string"),
+        "tgt": datasets.Value("string"),
+        "issue": datasets.Value("string"),
+        "where": datasets.Value("string"),
+        "crlf": datasets.Value("int8"),
+    }
+)
+FILE_KINDS = ("tsv", "jsonl", "parquet")
+HUB_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of data.splits.<split>: its config key (for messages), kind, files and options."""
+
+    key: str  # e.g. "data.splits.train" or "data.splits.train[2]"
+    label: str  # manifest key prefix, e.g. "train" or "train[2]"
+    kind: str  # text | tsv | jsonl | parquet | hub
+    files: dict[str, Path] = field(default_factory=dict)  # role -> path: src/tgt for text, file otherwise
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_corpus_path(path: str | os.PathLike, corpora_dir: str | os.PathLike | None, key: str = "") -> Path:
+    """A file from the data config: relative paths are taken inside `corpora_dir`. Missing or empty files fail."""
+    where = f" ({key})" if key else ""
+    path = Path(path).expanduser()
+    if not path.is_absolute():
+        if corpora_dir is None:
+            raise CorpusFileNotFoundError(
+                f"corpus file {path}{where} is a relative path but no corpora folder is configured: "
+                "set CORPORA_DIR or data.corpora_dir=... to the folder holding the corpora"
+            )
+        path = Path(corpora_dir).expanduser() / path
+    if not path.is_file():
+        raise CorpusFileNotFoundError(
+            f"corpus file not found: {path}{where} (looked in corpora folder {corpora_dir}); "
+            "set CORPORA_DIR or data.corpora_dir=... to the folder holding the corpora"
+        )
+    if path.stat().st_size == 0:
+        raise EmptyCorpusFileError(f"corpus file {path}{where} is empty (0 bytes); point the data config at the data")
+    return path
+
+
+def parse_split(split: str, spec: Any, cfg: dict[str, Any]) -> list[Source]:
+    """data.splits.<split> -> its sources, with files resolved and options defaulted."""
+    specs = spec if isinstance(spec, list) else [spec]
+    if not specs:
+        raise SourceConfigError(f"data.splits.{split} is an empty list; give at least one source")
+    sources = []
+    for i, one in enumerate(specs):
+        suffix = f"[{i}]" if isinstance(spec, list) else ""
+        sources.append(_parse_one(f"data.splits.{split}{suffix}", f"{split}{suffix}", one, cfg))
+    return sources
+
+
+def _parse_one(key: str, label: str, spec: Any, cfg: dict[str, Any]) -> Source:
+    corpora_dir = cfg.get("corpora_dir") or os.environ.get("CORPORA_DIR")
+    layouts = "{src: .., tgt: ..}, {tsv: ..}, {jsonl: ..}, {parquet: ..} or {hub: ..} (see data/sources.py)"
+    if not isinstance(spec, dict):
+        raise SourceConfigError(f"{key} must be one of {layouts}, got {spec!r}")
+    layouts_given = [k for k in ("hub", *FILE_KINDS) if k in spec]
+    layouts_given += ["src/tgt"] if "src" in spec or "tgt" in spec else []
+    if len(layouts_given) > 1:
+        raise SourceConfigError(
+            f"{key} mixes {' and '.join(layouts_given)}: give one layout. A Hydra override merges into the default "
+            f"split, so replace it instead: '~{key}' '+{key}={{src: a.en.gz, tgt: a.de.gz}}'"
+        )
+    fields = {
+        "src_field": spec.get("src_field") or cfg.get("src_lang"),
+        "tgt_field": spec.get("tgt_field") or cfg.get("tgt_lang"),
+    }
+    if "hub" in spec:
+        options = {
+            "hub": spec["hub"],
+            "hub_config": spec.get("hub_config"),
+            "hub_split": spec.get("hub_split", "train"),
+            "revision": spec.get("revision"),
+            **fields,
+        }
+        return Source(key, label, "hub", {}, options)
+    kinds = [k for k in FILE_KINDS if k in spec]
+    if len(kinds) == 1:
+        kind = kinds[0]
+        path = resolve_corpus_path(spec[kind], corpora_dir, f"{key}.{kind}")
+        if kind == "tsv":
+            options = {"src_col": int(spec.get("src_col", 0)), "tgt_col": int(spec.get("tgt_col", 1))}
+        else:
+            options = fields
+        return Source(key, label, kind, {"file": path}, options)
+    if "src" in spec or "tgt" in spec:
+        for side in ("src", "tgt"):
+            if side not in spec:
+                raise SourceConfigError(f"{key} has no '{side}' file (it needs both 'src' and 'tgt')")
+        files = {side: resolve_corpus_path(spec[side], corpora_dir, f"{key}.{side}") for side in ("src", "tgt")}
+        return Source(key, label, "text", files)
+    raise SourceConfigError(f"{key} must be one of {layouts}, got keys {sorted(spec)}")
+
+
+# -- line-based files -------------------------------------------------------------------------------------
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str, str | None, str | None, bool]]:
+    """(line number, text, issue, where, crlf) for every line of a plain or .gz file, streaming in bounded memory.
+
+    Splits on b"\\n" only; a final "\\r" is removed and reported as crlf=True. A line that is not UTF-8 or is
+    longer than MAX_LINE_BYTES comes back with empty text and an issue, so the pair can be reported or skipped
+    while every later line keeps its number. A .gz cut short raises CorruptFileError naming the file.
+    """
+    lineno = 0
+    try:
+        with _open_bytes(path) as f:
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    size = len(raw)
+                    while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                        size += len(rest)  # skip the rest of the line without holding it
+                    size += len(rest)
+                    yield lineno, "", "line_too_long", f"{path} line {lineno}: over 1 MiB ({size} bytes)", False
+                    continue
+                raw = raw[:-1] if raw.endswith(b"\n") else raw
+                crlf = raw.endswith(b"\r")
+                raw = raw[:-1] if crlf else raw
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    where = (
+                        f"{path} line {lineno}: invalid UTF-8 at byte {err.start} ({raw[err.start : err.start + 4]!r})"
+                    )
+                    yield lineno, "", "invalid_utf8", where, crlf
+                    continue
+                yield lineno, text, None, None, crlf
+    except (EOFError, OSError, zlib.error) as err:
+        raise CorruptFileError(
+            f"{path} is cut short or corrupt after line {lineno} ({err}); copy or download the file again"
+        ) from err
+    if lineno == 0:
+        raise EmptyCorpusFileError(f"corpus file {path} has no lines; point the data config at the data")
+
+
+def _text_pair_rows(src: str, tgt: str, stamp: Any) -> Iterator[dict]:
+    """Rows of two aligned text files. `stamp` (sizes, mtimes) only keys the Arrow cache."""
+    n_src = n_tgt = 0
+    for s, t in zip_longest(read_lines(Path(src)), read_lines(Path(tgt))):
+        n_src += s is not None
+        n_tgt += t is not None
+        if s is None or t is None:
+            continue  # count the rest of the longer file, then fail below
+        issue, where = (s[2], s[3]) if s[2] else (t[2], t[3])
+        yield {"src": s[1], "tgt": t[1], "issue": issue, "where": where, "crlf": s[4] + t[4]}
+    if n_src != n_tgt:
+        # Every later step pairs line i with line i, so one missing line would shift every pair after it.
+        raise LineCountError(
+            f"source and target line counts differ: {src} has {n_src} lines but {tgt} has {n_tgt}; line i of "
+            "one must translate line i of the other, so fix the files (or point the data config at a matching pair)"
+        )
+
+
+def _tsv_rows(path: str, src_col: int, tgt_col: int, stamp: Any) -> Iterator[dict]:
+    need = max(src_col, tgt_col) + 1
+    for lineno, text, issue, where, crlf in read_lines(Path(path)):
+        cols = text.split("\t")
+        if issue is None and len(cols) < need:
+            issue, where = "bad_columns", f"{path} line {lineno}: {len(cols)} tab-separated column(s), needs {need}"
+        ok = issue is None
+        yield {
+            "src": cols[src_col] if ok else "",
+            "tgt": cols[tgt_col] if ok else "",
+            "issue": issue,
+            "where": where,
+            "crlf": crlf,
+        }
+
+
+def pick_field(record: Any, name: str) -> Any:
+    """record[name], also inside HF's nested {"translation": {...}} layout and along dotted paths ("a.b")."""
+    if isinstance(record, dict) and name not in record and isinstance(record.get("translation"), dict):
+        record = record["translation"]
+    if isinstance(record, dict) and name in record:
+        return record[name]
+    for part in name.split("."):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
+
+
+def _jsonl_rows(path: str, src_field: str, tgt_field: str, stamp: Any) -> Iterator[dict]:
+    for lineno, text, issue, where, crlf in read_lines(Path(path)):
+        src = tgt = ""
+        if issue is None:
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                issue, where = "bad_json", f"{path} line {lineno}: not JSON ({err})"
+            else:
+                src, tgt = pick_field(record, src_field), pick_field(record, tgt_field)
+                if not isinstance(src, str) or not isinstance(tgt, str):
+                    issue, where = (
+                        "missing_field",
+                        f"{path} line {lineno}: no text fields {src_field!r} and {tgt_field!r}",
+                    )
+                    src = tgt = ""
+        yield {"src": src, "tgt": tgt, "issue": issue, "where": where, "crlf": crlf}
+
+
+def _pick_columns(batch: dict, indices: list[int], src_field: str, tgt_field: str, origin: str) -> dict:
+    """A batch of parquet/Hub records -> the FEATURES columns."""
+    names = list(batch)
+    rows = [{k: batch[k][i] for k in names} for i in range(len(indices))]
+    out: dict[str, list] = {"src": [], "tgt": [], "issue": [], "where": [], "crlf": []}
+    for index, row in zip(indices, rows, strict=True):
+        src, tgt = pick_field(row, src_field), pick_field(row, tgt_field)
+        ok = isinstance(src, str) and isinstance(tgt, str)
+        out["src"].append(src if ok else "")
+        out["tgt"].append(tgt if ok else "")
+        out["issue"].append(None if ok else "missing_field")
+        out["where"].append(None if ok else f"{origin} row {index}: no text fields {src_field!r} and {tgt_field!r}")
+        out["crlf"].append(0)
+    return out
+
+
+# -- loading -----------------------------------------------------------------------------------------------
+def _stamp(paths: list[Path]) -> str:
+    """Keys the Arrow cache on the files' path, size and mtime. A string: HF splits list gen_kwargs into shards."""
+    return json.dumps([READER_VERSION] + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths])
+
+
+def _from_generator(generator, gen_kwargs: dict, cache_dir: Path) -> datasets.Dataset:
+    """Write the rows to an Arrow file under cache_dir (reused while the files are unchanged)."""
+    try:
+        return datasets.Dataset.from_generator(
+            generator, features=FEATURES, gen_kwargs=gen_kwargs, cache_dir=str(cache_dir)
+        )
+    except datasets.exceptions.DatasetGenerationError as err:
+        if isinstance(err.__cause__, Exception) and not isinstance(err.__cause__, datasets.exceptions.DatasetsError):
+            raise err.__cause__ from None  # our own error, which names the file and line
+        raise
+
+
+def load_source(source: Source, cache_dir: Path) -> datasets.Dataset:
+    """One source as an Arrow table with the FEATURES columns."""
+    files, opt = source.files, source.options
+    if source.kind == "text":
+        stamp = _stamp([files["src"], files["tgt"]])
+        return _from_generator(
+            _text_pair_rows, {"src": str(files["src"]), "tgt": str(files["tgt"]), "stamp": stamp}, cache_dir
+        )
+    if source.kind == "tsv":
+        kwargs = {"path": str(files["file"]), "src_col": opt["src_col"], "tgt_col": opt["tgt_col"]}
+        return _from_generator(_tsv_rows, {**kwargs, "stamp": _stamp([files["file"]])}, cache_dir)
+    if source.kind == "jsonl":
+        kwargs = {"path": str(files["file"]), "src_field": opt["src_field"], "tgt_field": opt["tgt_field"]}
+        return _from_generator(_jsonl_rows, {**kwargs, "stamp": _stamp([files["file"]])}, cache_dir)
+    if source.kind == "parquet":
+        raw = datasets.load_dataset("parquet", data_files=str(files["file"]), split="train", cache_dir=str(cache_dir))
+        return _to_features(raw, opt, str(files["file"]))
+    return _to_features(load_hub(source, cache_dir), opt, f"{opt['hub']} ({source.key}.hub)")
+
+
+def _to_features(raw: datasets.Dataset, opt: dict, origin: str) -> datasets.Dataset:
+    return raw.map(
+        _pick_columns,
+        batched=True,
+        with_indices=True,
+        remove_columns=raw.column_names,
+        features=FEATURES,
+        fn_kwargs={"src_field": opt["src_field"], "tgt_field": opt["tgt_field"], "origin": origin},
+        desc=f"reading {origin}",
+    )
+
+
+def _hub_reachable(timeout: float) -> str | None:
+    """None if the Hub's host answers within `timeout` seconds, else why not (so no 30 s of retries)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE:
+        return None  # offline mode: load_dataset answers at once, from the local cache or with an error
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as err:
+        return f"{url.hostname} unreachable within {timeout:.0f} s: {err}"
+    return None
+
+
+def load_hub(source: Source, cache_dir: Path) -> datasets.Dataset:
+    """datasets.load_dataset for a Hub source; any failure names the config key and the local-file alternative."""
+    opt = source.options
+    name = f"{opt['hub']}" + (f"/{opt['hub_config']}" if opt["hub_config"] else "") + f" split {opt['hub_split']}"
+    advice = (
+        f"without internet use local files instead, e.g. '~{source.key}' "
+        f"'+{source.key}={{src: path/train.en.gz, tgt: path/train.de.gz}}', or data=wmt_news_local "
+        "(README: 'Data preparation')"
+    )
+    if reason := _hub_reachable(HUB_TIMEOUT_S):
+        raise HubSourceError(f"{source.key}.hub={opt['hub']}: cannot reach the Hugging Face Hub ({reason}); {advice}")
+    try:
+        return datasets.load_dataset(
+            opt["hub"], opt["hub_config"], split=opt["hub_split"], revision=opt["revision"], cache_dir=str(cache_dir)
+        )
+    except Exception as err:  # noqa: BLE001  (offline mode, unknown name, no network: all need the same advice)
+        raise HubSourceError(
+            f"{source.key}.hub={opt['hub']}: cannot load {name} from the Hugging Face Hub "
+            f"({type(err).__name__}: {err}); {advice}"
+        ) from err
+
+
+def load_split(sources: list[Source], cache_dir: Path) -> datasets.Dataset:
+    """All sources of a split, concatenated in config order."""
+    parts = [load_source(s, cache_dir) for s in sources]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def describe(source: Source, sha256: dict[Path, str]) -> dict[str, dict[str, Any]]:
+    """Manifest "source" entries of one source: {"<label>.<role>": {path, bytes, sha256, options...}}."""
+    if source.kind == "hub":
+        return {f"{source.label}.hub": {"kind": "hub", **source.options}}
+    return {
+        f"{source.label}.{role}": {
+            "kind": source.kind,
+            "path": str(path),
+            "bytes": path.stat().st_size,
+            "sha256": sha256[path],
+            **source.options,
+        }
+        for role, path in source.files.items()
+    }
