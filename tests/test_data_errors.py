@@ -1,5 +1,5 @@
 """Bad input to `aiayn prepare`: every case is a clear error naming the file, line, shard or key, or, where the user
-asked to skip bad lines, a count in the manifest. Inputs are tiny files written here (or tests/fixtures/tiny/);
+asked to skip bad lines, a count in the manifest. Inputs are tiny files written here (tests/tiny_corpus.py);
 no Transformer is trained, only a 100-token BPE model on the 242 fixture pairs (about a second).
 """
 
@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_corpus
+from tiny_corpus import write_tiny_corpus
 
 from data.clean import Cleaner
 from data.corpus import ParallelCorpus
@@ -33,8 +35,6 @@ from data.shards import ShardChecksumError, ShardedPairs
 from data.sources import MAX_LINE_BYTES
 from data.stats import dataset_stats
 from data.tokenizer import train_sentencepiece
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def data_cfg(corpora_dir: Path, splits: dict | None = None, **clean) -> dict:
@@ -78,7 +78,9 @@ def lines(*texts: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    return prepare_dataset(data_cfg(FIXTURES), tmp_path_factory.mktemp("out"))
+    return prepare_dataset(
+        data_cfg(write_tiny_corpus(tmp_path_factory.mktemp("corpora"))), tmp_path_factory.mktemp("out")
+    )
 
 
 # -- reading -----------------------------------------------------------------------------------------------
@@ -193,7 +195,7 @@ def test_hub_without_network_fails_fast_naming_the_key(tmp_path, monkeypatch):
 # -- the prepared folder -----------------------------------------------------------------------------------
 def test_cleaning_counts_are_in_the_manifest(prepared):
     train = read_manifest(prepared)["splits"]["train"]
-    # tests/fixtures/make_tiny.py ends train with an empty pair and a 1-to-10-words pair
+    # tests/tiny_corpus.py ends train with an empty pair and a 1-to-10-words pair
     assert (train["lines"], train["pairs"]) == (202, 200)
     assert train["clean"]["removed"] == {"drop_empty": 1, "max_ratio": 1}
     assert read_manifest(prepared)["splits"]["valid"]["pairs"] == 20  # from the TSV file
@@ -201,8 +203,7 @@ def test_cleaning_counts_are_in_the_manifest(prepared):
 
 
 def test_skipped_lines_are_counted_in_the_manifest(tmp_path):
-    corpora = tmp_path / "corpora"
-    shutil.copytree(FIXTURES / "tiny", corpora / "tiny")
+    corpora = write_tiny_corpus(tmp_path / "corpora")
     en = (corpora / "tiny" / "train.en").read_bytes().split(b"\n")
     en[2] = b"bad \xff byte"  # line 3
     (corpora / "tiny" / "train.en").write_bytes(b"\n".join(en))
@@ -228,8 +229,9 @@ def test_tampered_shard_names_the_shard_file(prepared, tmp_path):
 
 def test_other_sentencepiece_model_names_both_sha256s(prepared, tmp_path):
     copy = shutil.copytree(prepared, tmp_path / prepared.name)
-    lines_ = (FIXTURES / "tiny" / "train.de").read_text(encoding="utf-8").splitlines()
-    other = train_sentencepiece([x for x in lines_ if x], tmp_path / "other", vocab_size=60, sample_lines=1000)
+    other = train_sentencepiece(
+        [de for _, de in tiny_corpus.train if de], tmp_path / "other", vocab_size=60, sample_lines=1000
+    )
     shutil.copy(other, copy / "spm.model")
     manifest = read_manifest(copy)
     with pytest.raises(SpmModelMismatchError) as err:
@@ -245,10 +247,14 @@ def test_too_large_vocabulary_names_the_key(tmp_path):
         train_sentencepiece(["a small text", "ein kleiner Text"] * 5, tmp_path / "spm", 5000, sample_lines=1000)
 
 
-def test_cli_prepare_is_idempotent_and_prints_stats(tmp_path, monkeypatch, capsys):
+def test_cli_prepare_is_idempotent_and_prints_stats(tmp_path, monkeypatch, capsys, corpora_dir):
     from pipeline.cli import main
 
     monkeypatch.setenv("AIAYN_OUTPUT_DIR", str(tmp_path))
+    train_lines = {
+        lang: gzip.open(corpora_dir / "multi30k" / f"val.{lang}.gz", "rt").read().count("\n")
+        for lang in "en de".split()
+    }
     main(["prepare", "data=tiny"])
     first = capsys.readouterr().out.strip().splitlines()[-1]
     assert first.startswith(str(tmp_path / "data" / "tiny-"))
@@ -256,8 +262,9 @@ def test_cli_prepare_is_idempotent_and_prints_stats(tmp_path, monkeypatch, capsy
     assert capsys.readouterr().out.strip() == f"already prepared: {first}"
     main(["data", "stats", "data=tiny"])
     out = capsys.readouterr().out
-    assert "train: 200 pairs of 202 lines" in out and "pairs removed: drop_empty 1, max_ratio 1" in out
+    pairs = read_manifest(Path(first))["splits"]["train"]["pairs"]
+    assert train_lines["en"] == train_lines["de"] and f"train: {pairs:,} pairs of {train_lines['en']:,} lines" in out
     with pytest.raises(SystemExit) as exit_:  # a data error: one line, exit code 1
-        main(["prepare", "data=tiny", "data.splits.train.src=tiny/missing.en"])
+        main(["prepare", "data=tiny", "data.splits.train.src=multi30k/missing.en"])
     assert exit_.value.code == 1
     assert "aiayn prepare: corpus file not found:" in capsys.readouterr().err
