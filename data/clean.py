@@ -156,3 +156,9 @@ class Cleaner:
 
     def report(self) -> dict[str, dict[str, int]]:
         return {"changed": dict(self.changed), "removed": dict(self.removed)}
+
+    def take_report(self) -> dict[str, dict[str, int]]:
+        """The counts since the last call (e.g. of one shard), then zero them. The dedup memory is kept."""
+        report = self.report()
+        self.changed, self.removed = Counter(), Counter()
+        return report

@@ -8,9 +8,7 @@ file on disk that is memory-mapped afterwards, so 4.5M pairs cost flat memory an
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
@@ -19,16 +17,7 @@ import pyarrow.compute as pc
 from data.errors import BadLineError, CorpusFileNotFoundError
 from data.sources import Source, load_split, resolve_corpus_path
 
-__all__ = ["CorpusFileNotFoundError", "ParallelCorpus", "file_sha256", "resolve_corpus_path"]
-
-
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks so a multi-GB corpus never sits in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+__all__ = ["CorpusFileNotFoundError", "ParallelCorpus", "resolve_corpus_path"]
 
 
 class ParallelCorpus:
@@ -68,9 +57,21 @@ class ParallelCorpus:
             advice = f"fix the file: the {self.split} split keeps every line, so pair i stays line i of the reference"
         raise BadLineError(f"{where}; {advice}")
 
-    def batches(self, batch_size: int = 10_000) -> Iterator[tuple[list[str], list[str], list[str | None]]]:
-        """(source sentences, target sentences, issues) in file order, `batch_size` pairs at a time."""
-        for batch in self.data.iter(batch_size=batch_size):
+    def batches(
+        self, batch_size: int = 10_000, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[list[str], list[str], list[str | None]]]:
+        """(source sentences, target sentences, issues) of lines [start, stop) in file order, `batch_size` at a time."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        for i in range(start, stop, batch_size):
+            batch = self.data[i : min(i + batch_size, stop)]  # a contiguous slice of the memory-mapped Arrow table
+            yield batch["src"], batch["tgt"], batch["issue"]
+
+    def batches_at(
+        self, indices: Sequence[int], batch_size: int = 10_000
+    ) -> Iterator[tuple[list[str], list[str], list[str | None]]]:
+        """Like `batches`, for the pairs at `indices` (e.g. a sorted random sample), in that order."""
+        for i in range(0, len(indices), batch_size):
+            batch = self.data[list(indices[i : i + batch_size])]
             yield batch["src"], batch["tgt"], batch["issue"]
 
     def head(self, n: int) -> list[tuple[str, str]]:

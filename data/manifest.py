@@ -19,6 +19,15 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1  # bump when the shard layout changes: the dataset fingerprint includes it
 
 
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks so a multi-GB corpus never sits in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to `path` so readers see either the old file or the whole new one, never half of it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -67,7 +76,7 @@ def verify_spm_model(dataset_dir: Path, manifest: dict, sha256: str | None = Non
     """
     model = Path(dataset_dir) / manifest["spm_model"]["file"]
     if sha256 is None:
-        sha256 = hashlib.sha256(model.read_bytes()).hexdigest() if model.is_file() else "missing"
+        sha256 = file_sha256(model) if model.is_file() else "missing"
     expected = manifest["spm_model"]["sha256"]
     if sha256 != expected:
         raise SpmModelMismatchError(

@@ -10,6 +10,10 @@ The fingerprint hashes everything that changes the folder's content (the input f
 name/config/split/revision; the vocabulary size, max_len, the cleaning steps, ...), so every DDP rank computes the
 same folder name on its own, a changed setting gets a new folder beside the old one, and preparing twice with the
 same inputs does nothing the second time.
+
+A run that is killed resumes where it stopped: spm.model and every shard appear only when whole (written under a
+temporary name, then renamed; a shard's record last), so the next run with the same config reuses them and
+encodes only the shards still missing.
 """
 
 from __future__ import annotations
@@ -18,31 +22,34 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sentencepiece as spm
 from filelock import FileLock  # a dependency of `datasets` and torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from data.clean import Cleaner, resolve_clean_config
-from data.corpus import ParallelCorpus, file_sha256
-from data.manifest import FORMAT_VERSION, MANIFEST_NAME, is_complete, write_json_atomic
-from data.shards import ShardWriter, token_dtype
+from data.corpus import ParallelCorpus
+from data.manifest import FORMAT_VERSION, MANIFEST_NAME, file_sha256, is_complete, write_json_atomic
+from data.shards import finished_shard, token_dtype, write_shard
 from data.sources import READER_VERSION, Source, describe, parse_split
 from data.tokenizer import Tokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
 
-REQUIRED_KEYS = ("name", "splits", "vocab_size", "spm_sample_lines", "max_len", "max_tokens", "shard_pairs")
+REQUIRED_KEYS = ("name", "splits", "vocab_size", "spm_sample_lines", "max_len", "max_tokens", "shard_lines")
 # The keys that change what ends up in the folder. max_tokens and num_workers only change batching.
-CONTENT_KEYS = ("src_lang", "tgt_lang", "vocab_size", "spm_sample_lines", "max_len", "shard_pairs")
+CONTENT_KEYS = ("src_lang", "tgt_lang", "vocab_size", "spm_sample_lines", "max_len", "shard_lines")
 # Sentences per sentencepiece.encode call (~0.1 s of work on 2 threads). Each call encodes its batch on all cores
 # (num_threads=os.cpu_count(), C++ threads outside the GIL): that is the parallel encoding, with one batch of text
 # and ids in memory at a time, so memory stays flat however large the corpus is.
 ENCODE_BATCH = 10_000
+CLEAN_COUNTS = ("changed", "removed")
 SPM_SEED = 1
 
 
@@ -119,7 +126,11 @@ def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) 
         for split, corpus in corpora.items():
             corpus.check(clean["on_bad_line"] if split == "train" else "error")
 
-        model_path = _train_bpe(corpora["train"], dataset_dir, cfg, clean)
+        model_path = dataset_dir / "spm.model"
+        if model_path.is_file():  # renamed into place only when whole: an interrupted run got this far
+            log.info("resuming: reusing the BPE model %s", model_path)
+        else:
+            model_path = _train_bpe(corpora["train"], dataset_dir, cfg, clean)
         tokenizer = Tokenizer(model_path)
         splits = {
             split: _encode_split(corpus, split, tokenizer, dataset_dir, cfg, Cleaner(clean, filters=split == "train"))
@@ -151,12 +162,20 @@ def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) 
 
 
 def _train_bpe(train: ParallelCorpus, dataset_dir: Path, cfg: dict[str, Any], clean: dict[str, Any]) -> Path:
-    """One BPE model over the source AND target side of the cleaned training split (shared vocabulary, section 5.1)."""
-    cleaner = Cleaner(clean, filters=True)  # the same pairs the encoding pass will keep
+    """One BPE model over the source AND target side of the cleaned training split (shared vocabulary, section 5.1).
+
+    It sees a uniform random sample of spm_sample_lines / 2 pairs (both sides: spm_sample_lines lines), drawn
+    here from (SPM_SEED, corpus size) so only the sample is read and cleaned: time and memory stay bounded
+    however large the corpus is.
+    """
+    cleaner = Cleaner(clean, filters=True)  # drops what the encoding pass will drop
+    n_pairs = min(len(train), max(1, cfg["spm_sample_lines"] // 2))
+    pairs = np.random.default_rng(SPM_SEED).choice(len(train), n_pairs, replace=False)
+    pairs.sort()  # file order: a sequential read of the memory-mapped table
 
     def both_sides() -> Iterator[str]:
-        with tqdm(total=len(train), desc="BPE: reading train text", unit="pairs") as bar:
-            for src, tgt, issues in train.batches(ENCODE_BATCH):
+        with tqdm(total=n_pairs, desc="BPE: reading a sample of train", unit="pairs") as bar:
+            for src, tgt, issues in train.batches_at(pairs, ENCODE_BATCH):
                 kept_src, kept_tgt = cleaner(src, tgt, issues)
                 yield from kept_src
                 yield from kept_tgt
@@ -178,37 +197,38 @@ def _train_bpe(train: ParallelCorpus, dataset_dir: Path, cfg: dict[str, Any], cl
 def _encode_split(
     corpus: ParallelCorpus, split: str, tokenizer: Tokenizer, dataset_dir: Path, cfg: dict[str, Any], cleaner: Cleaner
 ) -> dict[str, Any]:
-    """Clean and encode one split into shards. Training pairs with a side longer than max_len tokens, or an empty
-    side, are dropped (they would blow up a batch's padding or teach nothing); valid/test keep every line so that
-    pair i is still line i of the reference file."""
-    writer = ShardWriter(dataset_dir, split, token_dtype(tokenizer.vocab_size), cfg["shard_pairs"])
-    max_len, drop_long = cfg["max_len"], cleaner.filters
-    too_long = empty = 0
+    """Clean and encode one split, shard by shard; shards an interrupted run finished are kept, not redone.
+
+    Training pairs with a side longer than max_len tokens, or an empty side, are dropped (they would blow up a
+    batch's padding or teach nothing); valid/test keep every line so that pair i is still line i of the
+    reference file.
+    """
+    shard_lines, dtype = cfg["shard_lines"], token_dtype(tokenizer.vocab_size)
+    shards = []
     with tqdm(total=len(corpus), desc=f"encoding {split}", unit="pairs") as bar:
-        for raw_src, raw_tgt, issues in corpus.batches(ENCODE_BATCH):
-            src_text, tgt_text = cleaner(raw_src, raw_tgt, issues)
-            src_ids, tgt_ids = tokenizer.encode(src_text), tokenizer.encode(tgt_text)
-            if drop_long:
-                keep = []
-                for i, (s, t) in enumerate(zip(src_ids, tgt_ids, strict=True)):
-                    if not s or not t:
-                        empty += 1
-                    elif len(s) > max_len or len(t) > max_len:
-                        too_long += 1
-                    else:
-                        keep.append(i)
-                src_ids, tgt_ids = [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
-            writer.add(src_ids, tgt_ids)
-            bar.update(len(raw_src))
-    shards = writer.close()
-    report = cleaner.report()
-    if drop_long and too_long + empty + sum(report["removed"].values()):
+        for index, start in enumerate(range(0, len(corpus), shard_lines)):
+            stop = min(start + shard_lines, len(corpus))
+            record = finished_shard(dataset_dir, split, index)
+            if record is not None and (record["lines"], record["spm_sha256"]) == ([start, stop], tokenizer.sha256):
+                if cleaner.cfg["dedup"]:  # replay the kept pairs into the dedup memory, without encoding
+                    for src, tgt, issues in corpus.batches(ENCODE_BATCH, start, stop):
+                        cleaner(src, tgt, issues)
+                    cleaner.take_report()
+                log.info("resuming: %s/%s is complete", split, record["name"])
+            else:
+                record = _encode_shard(corpus, split, index, start, stop, tokenizer, dataset_dir, cfg, cleaner, dtype)
+            shards.append(record)
+            bar.update(stop - start)
+
+    report = {group: dict(sum((Counter(r["clean"][group]) for r in shards), Counter())) for group in CLEAN_COUNTS}
+    too_long, empty = sum(r["dropped_too_long"] for r in shards), sum(r["dropped_empty"] for r in shards)
+    if too_long + empty + sum(report["removed"].values()):
         log.info(
             "%s: removed %s; dropped %d pairs longer than max_len=%d and %d with an empty side",
             split,
             report["removed"],
             too_long,
-            max_len,
+            cfg["max_len"],
             empty,
         )
     return {
@@ -216,10 +236,53 @@ def _encode_split(
         "lines": len(corpus),
         "crlf_lines": corpus.crlf_lines(),
         "clean": report,
-        "pairs": sum(s["pairs"] for s in shards),
+        "pairs": sum(r["pairs"] for r in shards),
         "dropped_too_long": too_long,
         "dropped_empty": empty,
-        "src_tokens": sum(s["src_tokens"] for s in shards),
-        "tgt_tokens": sum(s["tgt_tokens"] for s in shards),
+        "src_tokens": sum(r["src_tokens"] for r in shards),
+        "tgt_tokens": sum(r["tgt_tokens"] for r in shards),
         "shards": shards,
     }
+
+
+def _encode_shard(
+    corpus: ParallelCorpus,
+    split: str,
+    index: int,
+    start: int,
+    stop: int,
+    tokenizer: Tokenizer,
+    dataset_dir: Path,
+    cfg: dict[str, Any],
+    cleaner: Cleaner,
+    dtype: np.dtype,
+) -> dict[str, Any]:
+    """Input lines [start, stop) -> one shard on disk; returns its record (data/shards.py)."""
+    max_len, drop_long = cfg["max_len"], cleaner.filters
+    too_long = empty = 0
+    src_ids: list[list[int]] = []
+    tgt_ids: list[list[int]] = []
+    for raw_src, raw_tgt, issues in corpus.batches(ENCODE_BATCH, start, stop):
+        src_text, tgt_text = cleaner(raw_src, raw_tgt, issues)
+        src_batch, tgt_batch = tokenizer.encode(src_text), tokenizer.encode(tgt_text)
+        for s, t in zip(src_batch, tgt_batch, strict=True):
+            if drop_long and (not s or not t):
+                empty += 1
+            elif drop_long and (len(s) > max_len or len(t) > max_len):
+                too_long += 1
+            else:
+                src_ids.append(s)
+                tgt_ids.append(t)
+    return write_shard(
+        dataset_dir,
+        split,
+        index,
+        src_ids,
+        tgt_ids,
+        dtype,
+        lines=[start, stop],
+        spm_sha256=tokenizer.sha256,
+        clean=cleaner.take_report(),
+        dropped_too_long=too_long,
+        dropped_empty=empty,
+    )

@@ -8,19 +8,23 @@ One shard of N pairs is three .npy files:
     shard-00000.src.npy   (total source tokens,)   uint16 (int32 if the vocabulary has more than 65536 ids)
     shard-00000.tgt.npy   (total target tokens,)   same dtype
     shard-00000.idx.npy   (N + 1, 2) int64         offsets: pair i is src[idx[i,0]:idx[i+1,0]], tgt[idx[i,1]:idx[i+1,1]]
+plus shard-00000.json, its record (pairs, tokens, sha256 per file, which input lines it holds), written last.
+
+Shard k holds what cleaning kept of input lines [k * shard_lines, (k + 1) * shard_lines): a shard is a unit of
+work that does not depend on the ones before it, so an interrupted preparation resumes at the first missing shard.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from data.errors import DataError
-from data.manifest import read_manifest
+from data.manifest import file_sha256, read_manifest, write_json_atomic
 
 
 class ShardChecksumError(DataError, RuntimeError):
@@ -32,21 +36,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _save_atomic(path: Path, array: np.ndarray) -> str:
     """np.save to a temporary name, then rename: a crash never leaves a half-written shard. Returns sha256."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.save(f, array)
     os.replace(tmp, path)
-    return _sha256(path)
+    return file_sha256(path)
 
 
 def _flatten(seqs: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -56,50 +52,51 @@ def _flatten(seqs: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.nda
     return flat, lengths
 
 
-class ShardWriter:
-    """Collects encoded pairs of one split and writes them as shards of `shard_pairs` pairs each."""
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
 
-    def __init__(self, dataset_dir: Path, split: str, dtype: np.dtype, shard_pairs: int):
-        self.dataset_dir, self.split, self.dtype, self.shard_pairs = Path(dataset_dir), split, dtype, shard_pairs
-        (self.dataset_dir / split).mkdir(parents=True, exist_ok=True)
-        self.shards: list[dict] = []  # manifest records of the shards written so far
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        self._pending_pairs = 0
 
-    def add(self, src_ids: list[list[int]], tgt_ids: list[list[int]]) -> None:
-        start = 0
-        while start < len(src_ids):
-            # fill the current shard up to shard_pairs, flush it, continue with the rest of the batch
-            end = min(len(src_ids), start + self.shard_pairs - self._pending_pairs)
-            src, src_len = _flatten(src_ids[start:end], self.dtype)
-            tgt, tgt_len = _flatten(tgt_ids[start:end], self.dtype)
-            self._pending.append((src, src_len, tgt, tgt_len))
-            self._pending_pairs += end - start
-            start = end
-            if self._pending_pairs == self.shard_pairs:
-                self._flush()
+def write_shard(
+    dataset_dir: Path, split: str, index: int, src_ids: list, tgt_ids: list, dtype: np.dtype, **info
+) -> dict:
+    """Write one shard's three arrays, then its record `<split>/shard-NNNNN.json`, each atomically; return the record.
 
-    def close(self) -> list[dict]:
-        """Write the last, partial shard; returns the manifest records of all shards."""
-        if self._pending_pairs:
-            self._flush()
-        return self.shards
+    The record goes last: it is the proof that the shard is whole. A run killed at any moment leaves either no
+    record (the shard is encoded again) or a complete shard whose sha256s are in the record (it is kept).
+    `info` (input line range, cleaning counts, ...) is stored in the record for the manifest.
+    """
+    src, src_len = _flatten(src_ids, dtype)
+    tgt, tgt_len = _flatten(tgt_ids, dtype)
+    offsets = np.zeros((len(src_ids) + 1, 2), dtype=np.int64)  # (N + 1, 2)
+    offsets[1:, 0] = np.cumsum(src_len)
+    offsets[1:, 1] = np.cumsum(tgt_len)
+    name = shard_name(index)
+    (Path(dataset_dir) / split).mkdir(parents=True, exist_ok=True)
+    files = {}
+    for kind, array in (("src", src), ("tgt", tgt), ("idx", offsets)):
+        rel = f"{split}/{name}.{kind}.npy"
+        files[kind] = {"file": rel, "sha256": _save_atomic(Path(dataset_dir) / rel, array)}
+    record = {"name": name, "pairs": len(src_ids), "src_tokens": int(len(src)), "tgt_tokens": int(len(tgt))}
+    record.update(files=files, **info)
+    write_json_atomic(Path(dataset_dir) / split / f"{name}.json", record)
+    return record
 
-    def _flush(self) -> None:
-        src, src_len, tgt, tgt_len = (np.concatenate(parts) for parts in zip(*self._pending, strict=True))
-        n = len(src_len)
-        offsets = np.zeros((n + 1, 2), dtype=np.int64)  # (N+1, 2)
-        offsets[1:, 0] = np.cumsum(src_len)
-        offsets[1:, 1] = np.cumsum(tgt_len)
-        name = f"shard-{len(self.shards):05d}"
-        files = {}
-        for kind, array in (("src", src), ("tgt", tgt), ("idx", offsets)):
-            rel = f"{self.split}/{name}.{kind}.npy"
-            files[kind] = {"file": rel, "sha256": _save_atomic(self.dataset_dir / rel, array)}
-        self.shards.append(
-            {"name": name, "pairs": n, "src_tokens": int(len(src)), "tgt_tokens": int(len(tgt)), "files": files}
-        )
-        self._pending, self._pending_pairs = [], 0
+
+def finished_shard(dataset_dir: Path, split: str, index: int) -> dict | None:
+    """The record of a shard a previous (interrupted) run completed, or None if it must be (re)written.
+
+    A shard counts as finished only if its record exists and every file still has the sha256 recorded there.
+    """
+    path = Path(dataset_dir) / split / f"{shard_name(index)}.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    for entry in record["files"].values():
+        file = Path(dataset_dir) / entry["file"]
+        if not file.is_file() or file_sha256(file) != entry["sha256"]:
+            return None
+    return record
 
 
 class ShardedPairs:
@@ -129,7 +126,7 @@ class ShardedPairs:
                 path = self.dataset_dir / entry["file"]
                 if not path.is_file():
                     raise FileNotFoundError(f"shard file missing: {path}; prepare the dataset again")
-                if _sha256(path) != entry["sha256"]:
+                if file_sha256(path) != entry["sha256"]:
                     raise ShardChecksumError(
                         f"shard file {path} does not match the sha256 in {self.dataset_dir / 'manifest.json'} "
                         f"(expected {entry['sha256']}: corrupted or modified); delete {self.dataset_dir} and "

@@ -55,7 +55,7 @@ def data_cfg(corpora_dir: Path, splits: dict | None = None, **clean) -> dict:
         "spm_sample_lines": 100_000,
         "max_len": 64,
         "max_tokens": 512,
-        "shard_pairs": 64,
+        "shard_lines": 64,
         "num_workers": 0,
     }
 

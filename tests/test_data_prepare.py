@@ -71,7 +71,7 @@ def data_cfg(corpora_dir: Path, **overrides):
         "spm_sample_lines": 100_000,
         "max_len": MAX_LEN,
         "max_tokens": 512,
-        "shard_pairs": 64,  # several shards, so indexing across shard boundaries is exercised
+        "shard_lines": 64,  # several shards, so indexing across shard boundaries is exercised
         "num_workers": 0,
     }
     cfg.update(overrides)
@@ -153,7 +153,10 @@ def test_manifest_describes_the_files(prepared, corpora):
     assert manifest["config"]["max_len"] == MAX_LEN and manifest["token_dtype"] == "uint16"
 
     shards = manifest["splits"]["train"]["shards"]
-    assert [s["pairs"] for s in shards] == [64, 64, 64, 64, manifest["splits"]["train"]["pairs"] - 256]
+    # shard k holds what was kept of input lines [64k, 64k + 64)
+    assert [s["lines"] for s in shards] == [[0, 64], [64, 128], [128, 192], [192, 256], [256, N_TRAIN]]
+    assert all(s["pairs"] == s["lines"][1] - s["lines"][0] - s["dropped_too_long"] for s in shards)
+    assert sum(s["pairs"] for s in shards) == manifest["splits"]["train"]["pairs"]
     train = ShardedPairs(dataset_dir, "train")
     assert sum(s["src_tokens"] for s in shards) == train.src_lengths.sum()
     assert sum(s["tgt_tokens"] for s in shards) == train.tgt_lengths.sum()
@@ -328,3 +331,62 @@ def test_lightning_trains_each_epoch_and_resumes_mid_epoch(prepared, corpora, tm
     # restart from the checkpoint saved after step 3 of epoch 0: the rest of epoch 0, then epoch 1
     resumed = fit(corpora, output_dir, tmp_path / "again", ckpt_path=tmp_path / "step=3.ckpt")
     assert [s for _, s in resumed] == epoch0[3:] + epoch1
+
+
+# -- an interrupted preparation resumes ----------------------------------------------------------------------
+def test_killed_prepare_resumes_from_the_finished_shards(tmp_path, raw, monkeypatch):
+    import data.prepare
+
+    # 320 training lines whose last 20 repeat the first 20: de-duplication must remember shards it did not redo
+    corpora = tmp_path / "corpora"
+    write_text(corpora / "tiny" / "train.en.gz", raw["train.en"] + raw["train.en"][:20])
+    write_text(corpora / "tiny" / "train.de.gz", raw["train.de"] + raw["train.de"][:20])
+    for name in ("val.en", "val.de", "test.en", "test.de"):
+        write_text(corpora / "tiny" / name, raw[name])
+    cfg = data_cfg(corpora, clean={"dedup": True})
+    straight = read_manifest(prepare_dataset(cfg, tmp_path / "straight"))
+    assert straight["splits"]["train"]["clean"]["removed"]["dedup"] == 20
+
+    write_shard, written = data.prepare.write_shard, []
+
+    def killed_at_train_shard_2(dataset_dir, split, index, *args, **kwargs):
+        if (split, index) == ("train", 2):
+            # the kill lands while shard 2 is being written: one array on disk, a temporary file, no record
+            (dataset_dir / "train" / "shard-00002.src.npy").write_bytes(b"\x93NUMPY half")
+            (dataset_dir / "train" / ".shard-00002.tgt.npy.tmp-1").write_bytes(b"\x93NUMPY")
+            raise KeyboardInterrupt
+        written.append((split, index))
+        return write_shard(dataset_dir, split, index, *args, **kwargs)
+
+    monkeypatch.setattr(data.prepare, "write_shard", killed_at_train_shard_2)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(cfg, tmp_path / "resumed")
+    assert written == [("train", 0), ("train", 1)]
+    dataset_dir = dataset_dir_for(cfg, tmp_path / "resumed")
+    assert not (dataset_dir / "manifest.json").exists()
+    with pytest.raises(Exception, match="not prepared"):
+        ShardedPairs(dataset_dir, "train")
+
+    monkeypatch.setattr(data.prepare, "write_shard", write_shard)
+    spm_before = (dataset_dir / "spm.model").stat().st_mtime_ns
+    shard_before = (dataset_dir / "train" / "shard-00001.json").stat().st_mtime_ns
+    assert prepare_dataset(cfg, tmp_path / "resumed") == dataset_dir
+    assert (dataset_dir / "spm.model").stat().st_mtime_ns == spm_before  # BPE not trained again
+    assert (dataset_dir / "train" / "shard-00001.json").stat().st_mtime_ns == shard_before  # shards 0-1 kept
+    resumed = read_manifest(dataset_dir)
+    # the same dataset as the run that was never interrupted, down to every shard's sha256
+    # (spm.model's bytes include the path it was trained under, so the vocabularies are compared instead)
+    straight_dir = dataset_dir_for(cfg, tmp_path / "straight")
+    assert (dataset_dir / "spm.vocab").read_bytes() == (straight_dir / "spm.vocab").read_bytes()
+    for manifest in (resumed, straight):
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                assert shard.pop("spm_sha256") == manifest["spm_model"]["sha256"]
+    assert resumed["splits"] == straight["splits"]
+    assert [s["lines"] for s in resumed["splits"]["train"]["shards"]] == [
+        [0, 64],
+        [64, 128],
+        [128, 192],
+        [192, 256],
+        [256, 320],
+    ]
