@@ -27,6 +27,7 @@ import platform
 import subprocess
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def child_spm_encode(model: str, folder: str) -> None:
         if not name.endswith((".en", ".de")) or name.startswith("bpe."):
             continue
         with open(Path(folder) / name, encoding="utf-8") as f, open(Path(folder) / f"bpe.{name}", "w") as out:
-            while lines := [line.rstrip("\n") for _, line in zip(range(100_000), f)]:
+            while lines := [line.rstrip("\n") for line in islice(f, 100_000)]:
                 pieces = sp.encode(lines, out_type=str, num_threads=os.cpu_count())
                 out.writelines(" ".join(p) + "\n" for p in pieces)
     print(json.dumps({"seconds": time.perf_counter() - start}))
@@ -231,18 +232,23 @@ def main() -> None:
         return child_fairseq(args.child_fairseq)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    results = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    run = {
+        "command": " ".join(["python", "bench/prepare_throughput.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "vocab": args.vocab,
         "spm_sample_lines": args.spm_sample_lines,
-        "sizes": [bench_size(n, args, env) for n in args.sizes],
-        "sampler": bench_sampler(max(args.sizes)),
     }
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    # One entry per corpus size, each with the run that measured it: a later run at other sizes adds to the file.
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for n in args.sizes:
+        results.setdefault("sizes", {})[str(n)] = {**bench_size(n, args, env), "run": run}
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    results["sampler"] = {**bench_sampler(max(args.sizes)), "run": run}
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["sampler"]))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
