@@ -26,6 +26,11 @@ class TokenBatchSampler(Sampler[list[int]]):
       3. greedily fill batches up to max_tokens padded tokens, then shuffle the batch order;
       4. give rank r the batches r, r + world_size, ...: every rank gets the same number of batches and
          together they see every pair exactly once.
+    With gradient accumulation over `accumulation` micro-batches, optimizer update u is made of the epoch's
+    batches [u * A * W, (u + 1) * A * W) (A = accumulation, W = world_size): rank r's i-th batch belongs to
+    update i // A. The batch count is made divisible by A * W, so every update is complete, and every rank
+    knows, without communicating, how many target tokens the whole update holds (`update_target_tokens`):
+    the loss is normalized by that number, as fairseq does (modules/lightning.py).
     A length counts the eos (source, target output) or bos (target input) that collation adds: +1.
     With shuffle=False (validation) all pairs are sorted by length once and the order never changes.
     """
@@ -40,6 +45,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         chunk_batches: int = 100,
+        accumulation: int = 1,
     ):
         super().__init__()
         src_lengths, tgt_lengths = np.asarray(src_lengths, np.int64), np.asarray(tgt_lengths, np.int64)
@@ -47,18 +53,24 @@ class TokenBatchSampler(Sampler[list[int]]):
             raise ValueError(f"src_lengths {src_lengths.shape} and tgt_lengths {tgt_lengths.shape} differ in shape")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if len(src_lengths) < world_size:
-            raise ValueError(f"{len(src_lengths)} pairs cannot give each of world_size={world_size} ranks a batch")
+        if len(src_lengths) < world_size * accumulation:
+            raise ValueError(
+                f"{len(src_lengths)} pairs cannot give each of world_size={world_size} ranks "
+                f"accumulation={accumulation} batches per update"
+            )
         # sort key: the longer side (+1 for eos/bos) decides the padded size; ties broken by the shorter side
         self.sizes = np.maximum(src_lengths, tgt_lengths) + 1  # (num_pairs,)
         tie = np.minimum(src_lengths, tgt_lengths) + 1  # (num_pairs,), <= sizes
         self.sort_key = self.sizes * (int(self.sizes.max(initial=0)) + 1) + tie  # one int: size first, then tie
         self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
         self.rank, self.world_size, self.chunk_batches = rank, world_size, chunk_batches
+        self.accumulation = int(accumulation)
+        self.tgt_tokens = tgt_lengths + 1  # (num_pairs,) target positions the loss counts: the tokens + eos
         self.epoch = 0
         self.batches_done = 0  # batches yielded so far in this epoch (including ones skipped on resume)
         self._resume = False  # True after load_state_dict: the next __iter__ skips batches_done batches
-        self._cache: tuple[int, list[np.ndarray]] | None = None  # (epoch, this rank's batches)
+        # (epoch, this rank's batches, each batch's update target tokens)
+        self._cache: tuple[int, list[np.ndarray], np.ndarray] | None = None
 
     # -- per-epoch state ---------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -85,16 +97,32 @@ class TokenBatchSampler(Sampler[list[int]]):
         return len(self._rank_batches())
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._rank_batches()
+        for batch, _ in self.with_update_tokens():
+            yield batch
+
+    def with_update_tokens(self) -> Iterator[tuple[list[int], int]]:
+        """(pair indices, target tokens of the whole optimizer update it belongs to) for this rank's batches."""
+        self._rank_batches()
+        _, batches, update_tokens = self._cache
         start = self.batches_done if self._resume else 0
         self.batches_done, self._resume = start, False
-        for batch in batches[start:]:
+        for i in range(start, len(batches)):
             self.batches_done += 1
-            yield batch.tolist()
+            yield batches[i].tolist(), int(update_tokens[i])
+
+    def update_target_tokens(self) -> np.ndarray:
+        """(this rank's batches,) target tokens of the update each batch belongs to, summed over all ranks."""
+        self._rank_batches()
+        return self._cache[2]
 
     def _rank_batches(self) -> list[np.ndarray]:
         if self._cache is None or self._cache[0] != self.epoch:
-            self._cache = (self.epoch, self.epoch_batches(self.epoch)[self.rank :: self.world_size])
+            batches = self.epoch_batches(self.epoch)
+            tokens = np.array([self.tgt_tokens[b].sum() for b in batches], dtype=np.int64)  # (num_batches,)
+            per_update = tokens.reshape(-1, self.world_size * self.accumulation).sum(axis=1)  # (num_updates,)
+            # rank r's i-th batch is batch i * W + r of the epoch, in update (i * W + r) // (W * A) = i // A
+            mine = np.repeat(per_update, self.accumulation)  # (num_batches / W,)
+            self._cache = (self.epoch, batches[self.rank :: self.world_size], mine)
         return self._cache[1]
 
     # -- the batching itself -------------------------------------------------------------------------------
@@ -142,14 +170,15 @@ class TokenBatchSampler(Sampler[list[int]]):
         return batches
 
     def _split_until_divisible(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """Split the largest batches in two until world_size divides the count: no pair dropped or repeated."""
-        while len(batches) % self.world_size:
+        """Split the largest batches in two until world_size * accumulation divides the count: every rank gets
+        the same number of batches and every update is whole; no pair is dropped or repeated."""
+        while len(batches) % (self.world_size * self.accumulation):
             padded = [len(b) * int(self.sizes[b].max()) if len(b) > 1 else -1 for b in batches]
             i = int(np.argmax(padded))
             if padded[i] < 0:
                 raise ValueError(
                     f"cannot deal {len(batches)} single-pair batches evenly to world_size={self.world_size} "
-                    "ranks; raise data.max_tokens or use fewer devices"
+                    f"ranks x accumulation={self.accumulation}; raise data.max_tokens or use fewer devices"
                 )
             b = batches[i]  # sorted by size: both halves stay length-homogeneous
             batches[i : i + 1] = [b[: len(b) // 2], b[len(b) // 2 :]]

@@ -11,6 +11,7 @@ also splits them across DDP ranks itself, so configure the Trainer with
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.batching import TokenBatchSampler
 from data.collate import collate_pairs
@@ -33,10 +34,13 @@ from data.tokenizer import Tokenizer
 class TranslationDataModule(L.LightningDataModule):
     """A prepared parallel corpus (BPE + shards) served as padded token-count batches."""
 
-    def __init__(self, data_cfg: DictConfig | dict, output_dir: str | os.PathLike, seed: int = 1):
+    def __init__(
+        self, data_cfg: DictConfig | dict, output_dir: str | os.PathLike, seed: int = 1, accumulation: int = 1
+    ):
         super().__init__()
         self.cfg = resolve_data_config(data_cfg)
         self.output_dir, self.seed = Path(output_dir), seed
+        self.accumulation = accumulation  # micro-batches per optimizer update (Trainer.accumulate_grad_batches)
         # Derived from the input files' sha256 and the config: every rank finds the same folder by itself.
         self.dataset_dir = dataset_dir_for(self.cfg, self.output_dir)
         self.tokenizer: Tokenizer | None = None
@@ -68,6 +72,7 @@ class TranslationDataModule(L.LightningDataModule):
             shuffle=True,
             rank=rank,
             world_size=world_size,
+            accumulation=self.accumulation,
         )
         sampler.set_epoch(epoch)
         if self._sampler_state is not None:  # resuming from a checkpoint: continue mid-epoch
@@ -79,7 +84,17 @@ class TranslationDataModule(L.LightningDataModule):
                 "TranslationDataModule: set Trainer(reload_dataloaders_every_n_epochs=1): token batching gives "
                 "each epoch a slightly different number of batches, which Lightning reads only on reload"
             )
-        return self._loader("train", sampler)
+        if self.tokenizer is None:
+            raise RuntimeError("TranslationDataModule.setup() must run before asking for a dataloader")
+        # batch_size=None: the "sampler" yields whole batches, (pair indices, update target tokens), and
+        # TrainBatches turns each into one collated batch (in the workers, if there are any).
+        return DataLoader(
+            TrainBatches(self.splits["train"], self._collate()),
+            sampler=UpdateTokenSampler(sampler),
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=int(self.cfg.get("num_workers") or 0),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("valid")
@@ -143,12 +158,51 @@ class TranslationDataModule(L.LightningDataModule):
     def _loader(self, split: str, sampler: TokenBatchSampler) -> DataLoader:
         if self.tokenizer is None:
             raise RuntimeError("TranslationDataModule.setup() must run before asking for a dataloader")
-        tok = self.tokenizer
-        num_workers = int(self.cfg.get("num_workers") or 0)
         return DataLoader(
             self.splits[split],
             batch_sampler=sampler,
-            collate_fn=partial(collate_pairs, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id),
-            num_workers=num_workers,
-            persistent_workers=False,
+            collate_fn=self._collate(),
+            num_workers=int(self.cfg.get("num_workers") or 0),
         )
+
+    def _collate(self) -> partial:
+        tok = self.tokenizer
+        return partial(collate_pairs, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
+
+
+class UpdateTokenSampler(Sampler):
+    """A TokenBatchSampler's batches as (pair indices, target tokens of their optimizer update) items.
+
+    Lightning calls set_epoch on `dataloader.sampler`: passed on, as are length and position (state_dict).
+    """
+
+    def __init__(self, batches: TokenBatchSampler):
+        super().__init__()
+        self.batches = batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[list[int], int]]:
+        return self.batches.with_update_tokens()
+
+
+class TrainBatches(Dataset):
+    """(pair indices, update target tokens) -> the collated batch, with "update_tgt_tokens" added: the number
+    the loss of every micro-batch of that update is divided by (modules/lightning.py)."""
+
+    def __init__(self, pairs: ShardedPairs, collate: partial):
+        self.pairs, self.collate = pairs, collate
+
+    def __getitem__(self, item: tuple[list[int], int]) -> dict:
+        indices, update_tgt_tokens = item
+        batch = self.collate([self.pairs[i] for i in indices])
+        batch["update_tgt_tokens"] = update_tgt_tokens
+        return batch

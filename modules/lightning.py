@@ -18,8 +18,9 @@ from modules.transformer import Transformer
 class TranslationModule(L.LightningModule):
     """Trains a Transformer on token batches (section 5).
 
-    - Loss: label-smoothed cross-entropy with ε_ls (section 5.4), summed over target tokens and divided by their
-      number, so every target token weighs the same whatever the batch's shape.
+    - Loss: label-smoothed cross-entropy with ε_ls (section 5.4), summed over target tokens and divided by the
+      number of target tokens in the whole optimizer update (all ranks, all accumulated micro-batches), so every
+      target token weighs the same whatever the batch's shape (see `loss_scale`).
     - Optimizer: Adam with β1 = 0.9, β2 = 0.98, ε = 1e-9 (section 5.3).
     - Learning rate: Eq. 3, warmup then inverse square root, updated every step.
     Batches are dicts from data.collate_pairs: src, tgt_in, tgt_out (each (batch, len)) and token counts.
@@ -48,13 +49,32 @@ class TranslationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, nll_sum, n_tokens = self._losses(batch)
-        loss = loss_sum / n_tokens
         # Logged as tensors: Lightning reads them back only every `log_every_n_steps`, so the step itself never
         # waits for the host.
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss_sum.detach() / n_tokens, prog_bar=True)
         self.log("train/ppl", torch.exp(nll_sum.detach() / n_tokens))
         self.log("train/lr", torch.tensor(self.lr_schedulers().get_last_lr()[0]))
-        return loss
+        return loss_sum * self.loss_scale(batch, n_tokens)
+
+    def loss_scale(self, batch: dict[str, Any], n_tokens: torch.Tensor) -> torch.Tensor | float:
+        """What a micro-batch's summed loss is multiplied by, so that the update's gradient is
+        Σ_(ranks, micro-batches) ∇ loss_sum / N, N = the target tokens of the whole update (fairseq's normalization):
+        every token of the update weighs the same, however the update is split over ranks and micro-batches.
+
+        The data loader tells each batch its update's N ("update_tgt_tokens", data/batching.py); the framework
+        then divides: Lightning divides every micro-batch's loss by the accumulation A, DDP and DeepSpeed average
+        gradients over the W ranks, and DeepSpeed's engine divides by its gradient_accumulation_steps once more
+        (engine.backward, scale_wrt_gas). Multiplying by those divisors undoes them. Without update_tgt_tokens
+        (a batch from plain collate_pairs) the loss is the batch's mean over its own tokens.
+        """
+        if "update_tgt_tokens" not in batch:
+            return 1.0 / n_tokens
+        trainer = self.trainer
+        divisor = trainer.world_size * trainer.accumulate_grad_batches
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        if engine is not None:
+            divisor *= engine.gradient_accumulation_steps()
+        return divisor / float(batch["update_tgt_tokens"])
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from data import TranslationDataModule
@@ -15,6 +18,7 @@ from modules.lightning import TranslationModule
 from pipeline.callbacks import TokenThroughput
 from pipeline.config import output_dir
 from pipeline.loggers import build_loggers
+from pipeline.strategies import build_strategy
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -28,22 +32,56 @@ def run_dir(cfg: DictConfig) -> Path:
 
 
 def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
+    minutes = cfg.checkpoint.get("every_n_minutes")
+    if minutes and cfg.checkpoint.every_n_train_steps:
+        raise ValueError(
+            f"checkpoint.every_n_train_steps={cfg.checkpoint.every_n_train_steps} and checkpoint.every_n_minutes="
+            f"{minutes} both set the cadence: set the other to null"
+        )
     checkpoints = ModelCheckpoint(
         dirpath=directory / "checkpoints",
         filename="step{step:07d}",
         auto_insert_metric_name=False,
-        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+        every_n_train_steps=None if minutes else cfg.checkpoint.every_n_train_steps,
+        train_time_interval=timedelta(minutes=minutes) if minutes else None,
         save_top_k=cfg.checkpoint.save_top_k,
         monitor="step",
         mode="max",
         save_last=True,
     )
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True), trainer_args["accelerator"])
     return L.Trainer(
         **trainer_args,
+        strategy=strategy,
         default_root_dir=str(directory),
         logger=build_loggers(cfg, directory),
         callbacks=[TokenThroughput(pad_id=cfg.model.pad_id), checkpoints],
+    )
+
+
+def accumulation(cfg: DictConfig, world_size: int) -> int:
+    """Micro-batches per optimizer update: from train.tokens_per_update, else trainer.accumulate_grad_batches."""
+    tokens_per_update = cfg.train.tokens_per_update
+    if not tokens_per_update:
+        return int(cfg.trainer.accumulate_grad_batches)
+    if cfg.trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            f"train.tokens_per_update={tokens_per_update} and trainer.accumulate_grad_batches="
+            f"{cfg.trainer.accumulate_grad_batches} both set the accumulation: drop one of them"
+        )
+    return max(1, round(tokens_per_update / (cfg.data.max_tokens * world_size)))
+
+
+def describe_run(cfg: DictConfig, trainer: L.Trainer) -> str:
+    """The resolved parallel layout, printed at start: what a user checks before a long job."""
+    strategy = cfg.strategy.name + (f" ZeRO-{cfg.strategy.stage}" if cfg.strategy.name == "deepspeed" else "")
+    world, accumulate, max_tokens = trainer.world_size, trainer.accumulate_grad_batches, cfg.data.max_tokens
+    return (
+        f"run: world size {world} ({trainer.num_nodes} node(s) x {trainer.num_devices} device(s), "
+        f"{trainer.accelerator.__class__.__name__.removesuffix('Accelerator')}), strategy {strategy}, "
+        f"precision {trainer.precision}, accumulation {accumulate}: up to {max_tokens * world * accumulate:,} "
+        f"tokens per update (data.max_tokens {max_tokens:,} x {world} x {accumulate})"
     )
 
 
@@ -58,6 +96,9 @@ def main(cfg: DictConfig) -> dict:
         n_samples=cfg.run.n_samples,
     )
     trainer = build_trainer(cfg, directory)
+    trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)
+    datamodule.accumulation = trainer.accumulate_grad_batches
+    rank_zero_info(describe_run(cfg, trainer))
     ckpt_path = cfg.run.resume
     if ckpt_path == "last":
         ckpt_path = str(directory / "checkpoints" / "last.ckpt")
@@ -79,4 +120,9 @@ def main(cfg: DictConfig) -> dict:
             print(f"validation perplexity {metrics['val/ppl']:.2f}  (loss {metrics['val/loss']:.3f})")
         for src, ref, hyp in module.samples:
             print(f"  SRC {src}\n  REF {ref}\n  HYP {hyp}\n")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Tear the process groups down now, not while the interpreter exits: ZeRO-3 leaves a second gloo group
+        # whose worker thread is still running then, and destroying a running std::thread aborts the process
+        # ("terminate called without an active exception", exit code 134) after a successful run.
+        torch.distributed.destroy_process_group()
     return summary

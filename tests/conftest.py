@@ -17,7 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def corpora_dir() -> Path:
     if not (CORPORA_DIR / "multi30k" / "train.en.gz").exists():
         raise FileNotFoundError(f"Multi30k not found under {CORPORA_DIR}: set CORPORA_DIR to the corpora folder")

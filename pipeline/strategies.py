@@ -1,0 +1,139 @@
+"""How training is spread over processes (conf/strategy/): one process, DDP, or DeepSpeed ZeRO 1-3 on GPUs or CPUs.
+
+Parallelism stays out of the model: modules/ never imports anything from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+from torch.nn import Module
+from torch.optim import Optimizer
+
+if TYPE_CHECKING:
+    import deepspeed
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` that also runs on CPU processes (ZeRO stages 0-3, gloo backend).
+
+    Use it exactly like the parent: ``Trainer(accelerator="cpu", devices=2, strategy=CPUDeepSpeedStrategy(stage=3),
+    precision="bf16-mixed")``. The processes need ``DS_ACCELERATOR=cpu`` so that DeepSpeed's own device layer
+    agrees with Lightning's (checked in :meth:`setup_environment`). On any accelerator other than ``CPUAccelerator``
+    every override below hands over to ``DeepSpeedStrategy`` unchanged, so on CUDA it behaves exactly like the parent.
+
+    Why the parent refuses CPUs, and what is overridden (only on CPU):
+
+    - ``setup_environment`` raises unless the accelerator is ``CUDAAccelerator``: skipped.
+    - ``setup_distributed`` calls ``_validate_device_index_selection``, which wants device indices 0..n-1; CPU
+      devices have index ``None``: skipped (ranks come from the cluster environment, as in DDP).
+    - ``deepspeed.initialize`` is called with ``device_rank=root_device.index``, i.e. ``None`` on CPU, and the
+      engine then fails on ``None >= 0``; the CPU path passes the local rank (DeepSpeed's CPU accelerator ignores it
+      when placing tensors). Both call sites are overridden: ``_setup_model_and_optimizer`` (fit) and
+      ``_initialize_deepspeed_inference`` (``validate``/``test``/``predict``).
+    """
+
+    def _on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    def setup_environment(self) -> None:
+        if not self._on_cpu():
+            super().setup_environment()
+            return
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() != "cpu":
+            raise RuntimeError(
+                f"{type(self).__name__} on CPU needs DeepSpeed's CPU accelerator, but DeepSpeed selected"
+                f" {get_accelerator().device_name()!r}: set DS_ACCELERATOR=cpu before DeepSpeed is imported."
+            )
+        # The parent's only addition to DDPStrategy.setup_environment is the CUDA-only check: skip it.
+        super(DeepSpeedStrategy, self).setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            super().setup_distributed()
+            return
+        # The parent's body minus `_validate_device_index_selection(self.parallel_devices)`: CPU devices carry no
+        # index, so that check (meant to catch a CUDA device order that differs from the local ranks) cannot pass.
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(
+        self, model: Module, optimizer: Optimizer | None, lr_scheduler: Any | None = None
+    ) -> tuple[deepspeed.DeepSpeedEngine, Optimizer]:
+        if not self._on_cpu():
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import deepspeed
+
+        # The parent's body with device_rank=self.local_rank instead of self.root_device.index (None on CPU).
+        model_parameters = filter(lambda p: p.requires_grad, model.parameters())
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=model_parameters,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, ds_optimizer
+
+    def _initialize_deepspeed_inference(self, model: Module) -> None:
+        if not self._on_cpu():
+            super()._initialize_deepspeed_inference(model)
+            return
+        import deepspeed
+        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+        # The parent's body with device_rank=self.local_rank instead of self.root_device.index (None on CPU).
+        assert isinstance(self.config, dict)
+        inference_config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
+        for key in ("fp16", "bf16"):
+            if key in self.config:
+                inference_config[key] = self.config[key]
+        if self.zero_stage_3:
+            inference_config["zero_allow_untested_optimizer"] = self.config["zero_allow_untested_optimizer"]
+            inference_config["zero_optimization"] = self.config["zero_optimization"]
+        remove_module_hooks(model)
+        self.model, _, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=inference_config,
+            model=model,
+            optimizer=None,
+            lr_scheduler=None,
+            model_parameters=[],
+            dist_init_required=False,
+        )
+
+
+STRATEGIES = ("auto", "ddp", "deepspeed")
+
+
+def build_strategy(cfg: dict[str, Any], accelerator: str) -> str | Strategy:
+    """conf/strategy/<name>.yaml -> what lightning.Trainer(strategy=...) takes."""
+    cfg = dict(cfg)
+    name = cfg.pop("name", None)
+    if name == "auto":
+        return "auto"
+    if name == "ddp":
+        return DDPStrategy(**cfg)
+    if name == "deepspeed":
+        if cfg.get("stage") not in (1, 2, 3):
+            raise ValueError(f"strategy.stage={cfg.get('stage')!r}: ZeRO stage must be 1, 2 or 3")
+        if accelerator == "cpu":
+            # DeepSpeed picks its device layer when first imported: CPU here, or it would look for CUDA.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # train_micro_batch_size_per_gpu: DeepSpeed wants a *sample* count per micro-batch, which token-count
+        # batches do not have (each holds a different number of pairs; DeepSpeed issue #1051). DeepSpeed uses it
+        # only to report samples/s and to check train_batch_size = micro x accumulation x world, never to cut
+        # batches, so it is set to 1 and the pipeline reports tokens/s itself (pipeline/callbacks.py).
+        return CPUDeepSpeedStrategy(**cfg, logging_batch_size_per_gpu=1)
+    raise ValueError(f"strategy.name={name!r}: use one of {STRATEGIES} (conf/strategy/)")
