@@ -4,6 +4,7 @@
     aiayn prepare [overrides...]      clean, BPE-encode and shard the configured data (data=multi30k, data=tiny, ...)
     aiayn data stats [overrides...]   pairs, tokens, length percentiles, unk rate and cleaning counts of that data
     aiayn params  [overrides...]      print the model's parameter count as JSON
+    aiayn plan    [overrides...]      FLOPs, batch layout, memory per GPU (ZeRO 0-3) and time of the configured run
     aiayn config  [overrides...]      print the resolved config
 
 Overrides are Hydra's: `model=base`, `trainer.max_steps=50`, `data.max_tokens=2048`, ...
@@ -58,6 +59,15 @@ def _params(cfg) -> None:
     main(cfg)
 
 
+def _plan(cfg) -> None:
+    from pipeline.plan import PlanConfigError, main
+
+    try:
+        main(cfg)
+    except PlanConfigError as err:  # a bad cluster/plan key: one line naming it, no traceback
+        sys.exit(f"aiayn plan: {err}")
+
+
 def _config(cfg) -> None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -67,6 +77,7 @@ COMMANDS = {
     "prepare": (_prepare, "clean, BPE-encode and shard the configured data; prints the dataset folder"),
     "data stats": (_data_stats, "pairs, tokens, length percentiles, unk rate and cleaning counts of the prepared data"),
     "params": (_params, "print trainable parameter counts as one JSON line"),
+    "plan": (_plan, "FLOPs per token, batch layout, memory per GPU for ZeRO 0-3, step and wall time, GPU-hours"),
     "config": (_config, "print the resolved configuration"),
 }
 
