@@ -10,7 +10,7 @@ ARGS   ?=
 # Generated files (shards, checkpoints, logs, compiled ops) all land under $(AIAYN_OUTPUT_DIR).
 export AIAYN_OUTPUT_DIR ?= $(CURDIR)/outputs
 export CORPORA_DIR ?= $(abspath $(CURDIR)/../shared/data)
-# DeepSpeed's CPU communication op is compiled once per virtual environment, at setup (see $(STAMP)).
+# Ops DeepSpeed compiles on demand (e.g. strategy.cpu_shm_comm=true) are cached per virtual environment.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export WANDB_DIR ?= $(AIAYN_OUTPUT_DIR)
 export DS_ACCELERATOR ?= cpu
@@ -25,9 +25,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
-	# DeepSpeed JIT-compiles its shared-memory all-reduce for CPU processes at the first distributed start
-	# (minutes on a loaded 2-core machine): build it now, once, instead of inside a training run or a test.
-	$(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
 	touch $(STAMP)
 
 train: $(STAMP)
