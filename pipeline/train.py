@@ -18,6 +18,7 @@ from modules.lightning import TranslationModule
 from pipeline.callbacks import TokenThroughput
 from pipeline.config import output_dir
 from pipeline.loggers import build_loggers
+from pipeline.plan import accumulation_steps
 from pipeline.strategies import build_strategy
 
 
@@ -70,7 +71,7 @@ def accumulation(cfg: DictConfig, world_size: int) -> int:
             f"train.tokens_per_update={tokens_per_update} and trainer.accumulate_grad_batches="
             f"{cfg.trainer.accumulate_grad_batches} both set the accumulation: drop one of them"
         )
-    return max(1, round(tokens_per_update / (cfg.data.max_tokens * world_size)))
+    return accumulation_steps(tokens_per_update, cfg.data.max_tokens, world_size)
 
 
 def describe_run(cfg: DictConfig, trainer: L.Trainer) -> str:

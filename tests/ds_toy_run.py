@@ -81,8 +81,9 @@ def normalization_check(strategy: str, accumulation: int, overrides: list[str], 
     import deepspeed
     import lightning as L
     from omegaconf import OmegaConf
+    from one_update import one_update_trainer, reference_gradient
 
-    from data import TokenBatchSampler, TranslationDataModule, collate_pairs
+    from data import TranslationDataModule
     from modules.lightning import TranslationModule
     from pipeline.config import load_config
     from pipeline.strategies import build_strategy
@@ -108,33 +109,11 @@ def normalization_check(strategy: str, accumulation: int, overrides: list[str], 
                 captured["__engine_accumulation"] = torch.tensor(engine.gradient_accumulation_steps())
 
     strategy_cfg = {"name": strategy, "stage": 2} if strategy == "deepspeed" else {"name": "ddp"}
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=build_strategy(strategy_cfg, "cpu"),
-        precision="32-true",
-        max_steps=1,
-        accumulate_grad_batches=accumulation,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Capture()],
-    )
+    trainer = one_update_trainer(2, accumulation, Capture(), strategy=build_strategy(strategy_cfg, "cpu"))
     datamodule = TranslationDataModule(cfg.data, cfg.paths.output_dir, seed=3, accumulation=accumulation)
     trainer.fit(module, datamodule=datamodule)
 
-    train, tok = datamodule.splits["train"], datamodule.tokenizer
-    plan = TokenBatchSampler(
-        train.src_lengths, train.tgt_lengths, cfg.data.max_tokens, seed=3, world_size=2, accumulation=accumulation
-    ).epoch_batches(0)[: 2 * accumulation]  # the first update: every rank's micro-batches
-    batches = [collate_pairs([train[i] for i in b], tok.pad_id, tok.bos_id, tok.eos_id) for b in plan]
-    total = sum(module.criterion(reference(b["src"], b["tgt_in"]), b["tgt_out"])[0] for b in batches)
-    (total / sum(b["n_tgt_tokens"] for b in batches)).backward()
-    expected = {name: p.grad.clone() for name, p in reference.named_parameters()}
-    sizes = [len(b["src"]) for b in batches]
+    expected, sizes = reference_gradient(reference, module.criterion, datamodule, 2, accumulation, seed=3)
     torch.save({"grads": captured, "expected": expected, "batch_sizes": sizes}, out / f"rank{os.environ['RANK']}.pt")
 
 

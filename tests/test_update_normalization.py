@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from one_update import one_update_trainer, reference_gradient
 
-from data import TokenBatchSampler, TranslationDataModule, collate_pairs
+from data import TokenBatchSampler, TranslationDataModule
 from modules.lightning import TranslationModule
 from pipeline.config import load_config
 
@@ -61,29 +62,11 @@ def test_accumulated_gradient_is_the_update_mean_over_all_its_tokens(tmp_path, c
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             grads.update({n: p.grad.clone() for n, p in pl_module.model.named_parameters()})
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=1,
-        accumulate_grad_batches=3,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Capture()],
-    )
+    trainer = one_update_trainer(devices=1, accumulation=3, callback=Capture())
     trainer.fit(module, datamodule=datamodule)
 
-    # the reference: the epoch's first three batches (sampler rebuilt here), summed losses over all their tokens
-    train = datamodule.splits["train"]
-    sampler = TokenBatchSampler(train.src_lengths, train.tgt_lengths, max_tokens=96, seed=3, accumulation=3)
-    tok = datamodule.tokenizer
-    batches = [collate_pairs([train[i] for i in b], tok.pad_id, tok.bos_id, tok.eos_id) for b in list(sampler)[:3]]
-    assert len({len(b["src"]) for b in batches}) > 1  # micro-batches of different sizes: a plain mean would differ
-    total = sum(module.criterion(reference(b["src"], b["tgt_in"]), b["tgt_out"])[0] for b in batches)
-    (total / sum(b["n_tgt_tokens"] for b in batches)).backward()
-    for name, p in reference.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # the reference: the epoch's first three batches, summed losses over all their tokens, in one backward
+    expected, sizes = reference_gradient(reference, module.criterion, datamodule, 1, 3, seed=3)
+    assert len(set(sizes)) > 1  # micro-batches of different sizes: a plain mean of means would differ
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
