@@ -6,7 +6,9 @@ Parallelism stays out of the model: modules/ never imports anything from here.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -16,6 +18,38 @@ from torch.optim import Optimizer
 
 if TYPE_CHECKING:
     import deepspeed
+
+
+def _import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer with its torch.compile decorators turned into no-ops.
+
+    DeepSpeed imports it on every ZeRO or bf16 engine start (to check ``isinstance(optimizer, MuonWithAuxAdam)``),
+    and its module applies ``torch.compile`` at import, which loads all of torch._dynamo and torch._inductor: about
+    3 minutes per process on a loaded 2-core CPU machine, for an optimizer aiayn does not use (Adam, section 5.3).
+    Imported here first with DeepSpeed's own no-op decorator, the module is the same, its functions run eagerly.
+    """
+    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    compile_decorator = compiler.compile
+    compiler.compile = lambda: compiler.dummy_decorator
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+    finally:
+        compiler.compile = compile_decorator
+
+
+def _freeze_gc() -> None:
+    """Move every object alive now into the garbage collector's permanent generation (gc.freeze).
+
+    DeepSpeed's bf16 optimizer runs a full ``gc.collect()`` four times per engine start (``see_memory_usage`` with
+    ``force=True``, to report memory). With torch, Lightning and DeepSpeed loaded, each such collection walks
+    millions of objects: about 10 s apiece on a loaded 2-core CPU machine. Frozen, those long-lived objects (modules,
+    the model, the data) are skipped, and a collection only walks what was allocated since.
+    """
+    gc.freeze()
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
@@ -35,6 +69,10 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
       engine then fails on ``None >= 0``; the CPU path passes the local rank (DeepSpeed's CPU accelerator ignores it
       when placing tensors). Both call sites are overridden: ``_setup_model_and_optimizer`` (fit) and
       ``_initialize_deepspeed_inference`` (``validate``/``test``/``predict``).
+
+    Two costs that only hurt CPU processes are also avoided there: DeepSpeed's Muon optimizer is imported without
+    its torch.compile decorators (:func:`_import_muon_uncompiled`), and the garbage collector is frozen before each
+    engine start (:func:`_freeze_gc`).
     """
 
     def __init__(self, *args: Any, cpu_shm_comm: bool = False, **kwargs: Any) -> None:
@@ -59,6 +97,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
                 f"{type(self).__name__} on CPU needs DeepSpeed's CPU accelerator, but DeepSpeed selected"
                 f" {get_accelerator().device_name()!r}: set DS_ACCELERATOR=cpu before DeepSpeed is imported."
             )
+        _import_muon_uncompiled()
         if not self.cpu_shm_comm:
             import deepspeed.ops
 
@@ -87,6 +126,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
         import deepspeed
 
+        _freeze_gc()
         # The parent's body with device_rank=self.local_rank instead of self.root_device.index (None on CPU).
         model_parameters = filter(lambda p: p.requires_grad, model.parameters())
         engine, ds_optimizer, _, _ = deepspeed.initialize(
@@ -117,6 +157,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
             inference_config["zero_allow_untested_optimizer"] = self.config["zero_allow_untested_optimizer"]
             inference_config["zero_optimization"] = self.config["zero_optimization"]
         remove_module_hooks(model)
+        _freeze_gc()
         self.model, _, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self.local_rank),
             config=inference_config,
