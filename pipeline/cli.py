@@ -5,6 +5,8 @@
     aiayn data stats [overrides...]   pairs, tokens, length percentiles, unk rate and cleaning counts of that data
     aiayn params  [overrides...]      print the model's parameter count as JSON
     aiayn plan    [overrides...]      FLOPs, batch layout, memory per GPU (ZeRO 0-3) and time of the configured run
+    aiayn average  run.dir=<run> [overrides...]   mean of the newest average.last_n checkpoints -> <run>/averaged.ckpt
+    aiayn evaluate run.dir=<run> [overrides...]   translate evaluate.split, BLEU and chrF -> <run>/eval-<split>.json
     aiayn config  [overrides...]      print the resolved config
     aiayn submit [--dry-run] cluster=slurm [overrides...]
                                       submit `aiayn train` as a SLURM job with submitit: cluster.nodes x
@@ -103,6 +105,18 @@ def _plan(cfg) -> None:
         sys.exit(f"aiayn plan: {err}")
 
 
+def _average(cfg) -> None:
+    from pipeline.average import main
+
+    main(cfg)
+
+
+def _evaluate(cfg) -> None:
+    from pipeline.evaluate import main
+
+    main(cfg)
+
+
 def _config(cfg) -> None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -113,6 +127,8 @@ COMMANDS = {
     "data stats": (_data_stats, "pairs, tokens, length percentiles, unk rate and cleaning counts of the prepared data"),
     "params": (_params, "print trainable parameter counts as one JSON line"),
     "plan": (_plan, "FLOPs per token, batch layout, memory per GPU for ZeRO 0-3, step and wall time, GPU-hours"),
+    "average": (_average, "average the newest average.last_n checkpoints of run.dir into <run.dir>/averaged.ckpt"),
+    "evaluate": (_evaluate, "translate evaluate.split with a run's model; BLEU and chrF with sacrebleu"),
     "config": (_config, "print the resolved configuration"),
     "submit": (_submit, "submit `aiayn train` as a SLURM job (cluster=slurm); --dry-run prints the sbatch script"),
     "run": (_run, "the stage graph prepare -> train: SLURM jobs chained by afterok, or here in order"),
@@ -152,9 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         COMMANDS[command][0](cfg, **extra)
     except Exception as err:
-        from data.errors import DataError  # a bad corpus or config: one line that names the file/key, no traceback
+        # A bad corpus, config key or run folder: one line that names the file/key, no traceback.
+        from data.errors import DataError
+        from pipeline.errors import RunFolderError
 
-        if not isinstance(err, DataError):
+        if not isinstance(err, (DataError, RunFolderError)):
             raise
         parser.exit(1, f"aiayn {command}: {err}\n")
 
