@@ -81,6 +81,15 @@ class RequeueOnPreemption(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._checked_step = trainer.global_step
+        # The signal came while the job was still starting (imports, data, resume): nothing new to save.
+        if trainer.strategy.reduce_boolean_decision(preemption.requested(), all=False):
+            self._requeue(trainer)
+
+    def _requeue(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:
+            rank_zero_info(f"requeued SLURM job {preemption.requeue_job()}")
+        self.requeued = True
+        trainer.should_stop = True
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
@@ -92,7 +101,4 @@ class RequeueOnPreemption(L.Callback):
             return
         trainer.save_checkpoint(self.checkpoint_path)  # collective: every rank, the same step
         rank_zero_info(f"preempted: saved {self.checkpoint_path} at step {trainer.global_step}")
-        if trainer.is_global_zero:
-            rank_zero_info(f"requeued SLURM job {preemption.requeue_job()}")
-        self.requeued = True
-        trainer.should_stop = True
+        self._requeue(trainer)

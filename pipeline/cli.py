@@ -12,7 +12,8 @@
                                       submit `aiayn train` as a SLURM job with submitit: cluster.nodes x
                                       cluster.gpus_per_node tasks under srun, requeued and resumed from last.ckpt
                                       on preemption (pipeline/slurm.py); --dry-run prints the sbatch script only
-    aiayn run     [overrides...]      the stage graph prepare -> train, skipping stages whose outputs exist: SLURM
+    aiayn run     [overrides...]      the stage graph prepare -> train -> average -> evaluate, skipping stages
+                                      whose outputs exist for the same config (run folder): SLURM
                                       jobs chained by afterok (cluster=slurm) or run here in order (cluster=local)
                                       (pipeline/stages.py)
 
@@ -131,7 +132,7 @@ COMMANDS = {
     "evaluate": (_evaluate, "translate evaluate.split with a run's model; BLEU and chrF with sacrebleu"),
     "config": (_config, "print the resolved configuration"),
     "submit": (_submit, "submit `aiayn train` as a SLURM job (cluster=slurm); --dry-run prints the sbatch script"),
-    "run": (_run, "the stage graph prepare -> train: SLURM jobs chained by afterok, or here in order"),
+    "run": (_run, "the stage graph prepare -> train -> average -> evaluate: SLURM jobs chained by afterok, or here"),
 }
 # Commands that also get the raw overrides (to pass on to their jobs) and the --dry-run flag.
 JOB_COMMANDS = ("submit", "run")

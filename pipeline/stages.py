@@ -7,7 +7,8 @@ evaluate on one GPU. With cluster=local the same stages run here, one after the 
 
 A stage whose outputs already exist for the same config is skipped (and the next one does not wait for it):
 prepare when the dataset folder's manifest is complete, train when summary.json reports the final step, average
-when averaged.ckpt exists, evaluate when eval-test.json exists. "The same config" is the run folder: unless run.dir
+when averaged.ckpt exists, evaluate when eval-<evaluate.split>.json exists; a stage after one that runs is never
+skipped (its inputs change). "The same config" is the run folder: unless run.dir
 is given, it is <output_dir>/runs/<run.name>-<fingerprint>, the fingerprint being a hash of everything that shapes
 the trained model (`TRAINING_KEYS`), so that a changed setting gets a new folder and an unchanged one finds its
 finished stages.
@@ -43,7 +44,7 @@ def run_command(command: str, overrides: list[str]) -> dict:
     from pipeline.config import load_config
 
     result = COMMANDS[command][0](load_config(overrides))
-    return {"global_rank": int(os.environ.get("SLURM_PROCID", 0)), **(result or {})}
+    return {"global_rank": int(os.environ.get("SLURM_PROCID", 0)), **(result if isinstance(result, dict) else {})}
 
 
 def fingerprint(cfg) -> str:
@@ -83,6 +84,14 @@ def _trained(cfg, run_dir: Path) -> bool:
     return max_steps is None or max_steps < 0 or steps >= max_steps or bool(cfg.trainer.get("max_time"))
 
 
+def _averaged(cfg, run_dir: Path) -> bool:
+    return (run_dir / "averaged.ckpt").is_file()
+
+
+def _evaluated(cfg, run_dir: Path) -> bool:
+    return (run_dir / f"eval-{cfg.evaluate.split}.json").is_file()
+
+
 @dataclass(frozen=True)
 class Stage:
     """One node of the graph: the aiayn command it runs, and the test of whether its outputs exist."""
@@ -95,6 +104,8 @@ class Stage:
 STAGES = (
     Stage("prepare", _prepared, "the dataset folder's manifest.json"),
     Stage("train", _trained, "summary.json at the final step"),
+    Stage("average", _averaged, "averaged.ckpt"),
+    Stage("evaluate", _evaluated, "eval-<evaluate.split>.json"),
 )
 
 
@@ -107,11 +118,13 @@ def run_graph(cfg, overrides: list[str], stages: tuple[Stage, ...] = STAGES) -> 
     print(f"run folder: {run_dir}")
     report: list[tuple[str, str, object]] = []
     previous_job = None
+    upstream_ran = False  # a stage after one that runs runs too: its inputs are about to change
     for stage in stages:
-        if stage.done(cfg, run_dir):
+        if not upstream_ran and stage.done(cfg, run_dir):
             report.append((stage.name, "skipped", None))
             print(f"{stage.name:>8}: skipped, done ({stage.outputs} exists)", flush=True)
             continue
+        upstream_ran = True
         if scheduler(cfg) == "slurm":
             from pipeline.slurm import make_job, submit
 

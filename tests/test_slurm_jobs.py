@@ -1,8 +1,9 @@
 """aiayn's own jobs on a real single-node SLURM cluster (scripts/slurm_local.sh): `aiayn run` / `aiayn submit`.
 
 One stage graph is run for the whole module (fixture `graph`): prepare (a CPU job) -> train (2 tasks = 2 CPU
-processes under srun, DDP over gloo), chained by afterok. The training job is sent SIGUSR1 while it trains, as
-SLURM does before a time limit, so the same job also shows the checkpoint -> requeue -> resume path.
+processes under srun, DDP over gloo) -> average -> evaluate, chained by afterok. The training job is sent SIGUSR1
+while it trains, as SLURM does before a time limit, so the same job also shows the checkpoint -> requeue -> resume
+path.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("slurm_cluster")
 MAX_STEPS = 60
 EVERY = 5  # periodic checkpoints: the signal is sent once the first one exists, i.e. after step 5
 # Upper bound for the whole graph on a loaded 2-core machine (on an idle one it takes about 2 minutes).
-GRAPH_TIMEOUT_S = 1800
+GRAPH_TIMEOUT_S = 3 * 3600
 
 
 def _overrides(tmp: Path, corpora_dir: Path) -> list[str]:
@@ -43,7 +44,7 @@ def _overrides(tmp: Path, corpora_dir: Path) -> list[str]:
         "cluster=slurm",
         "cluster.gpus_per_node=2",  # 2 tasks, each one CPU process (trainer.accelerator stays cpu: no GPU request)
         "cluster.cpus_per_task=1",  # the node has 2 CPUs
-        "cluster.time=00:30:00",
+        "cluster.time=04:00:00",  # an upper bound: on a loaded 2-core host one start-up can take 15 minutes
         "strategy=ddp",
         "trainer.precision=32-true",
         f"trainer.max_steps={MAX_STEPS}",
@@ -51,6 +52,7 @@ def _overrides(tmp: Path, corpora_dir: Path) -> list[str]:
         f"checkpoint.every_n_train_steps={EVERY}",
         "trainer.enable_progress_bar=false",
         "logger.wandb.enabled=false",
+        "evaluate.max_extra=10",  # short outputs: the tiny model's greedy search stops early on this slow CPU
     ]
 
 
@@ -118,6 +120,11 @@ def test_stage_graph_runs_in_dependency_order(graph: Graph) -> None:
     # prepare was a one-task CPU job; its output is what train read
     assert info[0]["NumTasks"] == "1" and "gres/gpu" not in info[0].get("TRES", "")
     assert (graph.run_dir / "summary.json").is_file()
+    # average, then evaluate, used the finished run: the averaged model of its last checkpoints was scored
+    assert (graph.run_dir / "averaged.ckpt").is_file()
+    scores = json.loads((graph.run_dir / "eval-test.json").read_text())
+    assert scores["checkpoint"] == str(graph.run_dir / "averaged.ckpt") and scores["global_step"] == MAX_STEPS
+    assert scores["sentences"] > 0
     # The same config again: every stage's outputs exist, nothing is submitted.
     queued = _queued()
     again = run_graph(load_config(graph.overrides), graph.overrides)
