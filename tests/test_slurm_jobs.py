@@ -207,3 +207,13 @@ def test_cluster_layout_links_trainer_and_planner() -> None:
     for bad in ("trainer.devices=2", "trainer.num_nodes=3", "cluster.gpus=2"):
         with pytest.raises(ClusterConfigError, match=bad.split("=")[0]):
             load_config(["cluster=slurm", bad])
+
+
+def test_run_folder_is_keyed_by_the_training_config(tmp_path) -> None:
+    """`aiayn run` without run.dir: the same training settings find the same folder, a changed one a new folder;
+    scheduling knobs (partition, time) do not count."""
+    base = [f"paths.output_dir={tmp_path}", "cluster=slurm"]
+    folder = graph_run_dir(load_config(base))
+    assert folder.parent == tmp_path / "runs" and folder.name.startswith("multi30k-")
+    assert graph_run_dir(load_config([*base, "cluster.partition=gpu", "cluster.time=1:00:00"])) == folder
+    assert graph_run_dir(load_config([*base, "model.dropout=0.3"])) != folder
