@@ -5,7 +5,17 @@
     aiayn data stats [overrides...]   pairs, tokens, length percentiles, unk rate and cleaning counts of that data
     aiayn params  [overrides...]      print the model's parameter count as JSON
     aiayn plan    [overrides...]      FLOPs, batch layout, memory per GPU (ZeRO 0-3) and time of the configured run
+    aiayn average  run.dir=<run> [overrides...]   mean of the newest average.last_n checkpoints -> <run>/averaged.ckpt
+    aiayn evaluate run.dir=<run> [overrides...]   translate evaluate.split, BLEU and chrF -> <run>/eval-<split>.json
     aiayn config  [overrides...]      print the resolved config
+    aiayn submit [--dry-run] cluster=slurm [overrides...]
+                                      submit `aiayn train` as a SLURM job with submitit: cluster.nodes x
+                                      cluster.gpus_per_node tasks under srun, requeued and resumed from last.ckpt
+                                      on preemption (pipeline/slurm.py); --dry-run prints the sbatch script only
+    aiayn run     [overrides...]      the stage graph prepare -> train -> average -> evaluate, skipping stages
+                                      whose outputs exist for the same config (run folder): SLURM
+                                      jobs chained by afterok (cluster=slurm) or run here in order (cluster=local)
+                                      (pipeline/stages.py)
 
 Overrides are Hydra's: `model=base`, `trainer.max_steps=50`, `data.max_tokens=2048`, ...
 """
@@ -14,17 +24,45 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from pipeline.cluster import ClusterConfigError
 from pipeline.config import load_config, output_dir
 
 
-def _train(cfg) -> None:
+def _train(cfg) -> dict:
     from pipeline.train import main
 
-    main(cfg)
+    return main(cfg)
+
+
+def _submit(cfg, overrides: list[str], dry_run: bool) -> None:
+    import time
+
+    from pipeline.cluster import scheduler
+    from pipeline.slurm import make_job, sbatch_script, submit
+
+    if scheduler(cfg) != "slurm":
+        sys.exit("aiayn submit: no scheduler in this config (cluster.scheduler is null): add cluster=slurm")
+    # The run folder is fixed now, so that every (requeued) attempt of the job writes to the same one.
+    run_dir = cfg.run.dir or output_dir(cfg) / "runs" / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    job = make_job(cfg, "train", overrides, Path(run_dir).expanduser().resolve())
+    if dry_run:
+        print(sbatch_script(job))
+        return
+    submitted = submit(job)
+    print(f"submitted job {submitted.job_id}: {job.aiayn_command}\nlog: {submitted.paths.stdout}")
+
+
+def _run(cfg, overrides: list[str], dry_run: bool) -> None:
+    from pipeline.stages import run_graph
+
+    if dry_run:
+        sys.exit("aiayn run: --dry-run is not supported; `aiayn submit --dry-run` prints the training job's script")
+    run_graph(cfg, overrides)
 
 
 def _prepare(cfg) -> None:
@@ -68,6 +106,18 @@ def _plan(cfg) -> None:
         sys.exit(f"aiayn plan: {err}")
 
 
+def _average(cfg) -> None:
+    from pipeline.average import main
+
+    main(cfg)
+
+
+def _evaluate(cfg) -> None:
+    from pipeline.evaluate import main
+
+    main(cfg)
+
+
 def _config(cfg) -> None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -78,8 +128,14 @@ COMMANDS = {
     "data stats": (_data_stats, "pairs, tokens, length percentiles, unk rate and cleaning counts of the prepared data"),
     "params": (_params, "print trainable parameter counts as one JSON line"),
     "plan": (_plan, "FLOPs per token, batch layout, memory per GPU for ZeRO 0-3, step and wall time, GPU-hours"),
+    "average": (_average, "average the newest average.last_n checkpoints of run.dir into <run.dir>/averaged.ckpt"),
+    "evaluate": (_evaluate, "translate evaluate.split with a run's model; BLEU and chrF with sacrebleu"),
     "config": (_config, "print the resolved configuration"),
+    "submit": (_submit, "submit `aiayn train` as a SLURM job (cluster=slurm); --dry-run prints the sbatch script"),
+    "run": (_run, "the stage graph prepare -> train -> average -> evaluate: SLURM jobs chained by afterok, or here"),
 }
+# Commands that also get the raw overrides (to pass on to their jobs) and the --dry-run flag.
+JOB_COMMANDS = ("submit", "run")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         cmd = (groups[group] if group else sub).add_parser(action, help=help_text)
         cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=base trainer.max_steps=50")
+        if action in JOB_COMMANDS:
+            cmd.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     command = f"{args.command} {args.action}" if getattr(args, "action", None) else args.command
     try:
@@ -105,12 +163,17 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigCompositionException as err:  # a bad override: say which, without a Hydra traceback
         cause = f" ({err.__cause__})" if err.__cause__ else ""
         parser.exit(2, f"aiayn {command}: {err}{cause}\n")
+    except ClusterConfigError as err:  # cluster and trainer layouts that disagree
+        parser.exit(2, f"aiayn {command}: {err}\n")
+    extra = {"overrides": list(args.overrides), "dry_run": args.dry_run} if command in JOB_COMMANDS else {}
     try:
-        COMMANDS[command][0](cfg)
+        COMMANDS[command][0](cfg, **extra)
     except Exception as err:
-        from data.errors import DataError  # a bad corpus or config: one line that names the file/key, no traceback
+        # A bad corpus, config key or run folder: one line that names the file/key, no traceback.
+        from data.errors import DataError
+        from pipeline.errors import RunFolderError
 
-        if not isinstance(err, DataError):
+        if not isinstance(err, (DataError, RunFolderError)):
             raise
         parser.exit(1, f"aiayn {command}: {err}\n")
 

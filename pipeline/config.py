@@ -8,6 +8,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.cluster import check_cluster
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = Path(os.environ.get("AIAYN_CONF_DIR", PROJECT_ROOT / "conf"))
 
@@ -19,6 +21,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose conf/config.yaml with Hydra overrides such as `model=base` or `trainer.max_steps=50`."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="aiayn"):
         cfg = compose(config_name="config", overrides=list(overrides))
+    check_cluster(cfg)  # under a scheduler, trainer.devices/num_nodes must match the job's tasks
     return cfg
 
 

@@ -10,12 +10,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from data import TranslationDataModule
 from modules.lightning import TranslationModule
-from pipeline.callbacks import TokenThroughput
+from pipeline import preemption
+from pipeline.callbacks import RequeueOnPreemption, RunStart, TokenThroughput
 from pipeline.config import output_dir
 from pipeline.loggers import build_loggers
 from pipeline.plan import accumulation_steps
@@ -30,6 +32,19 @@ def run_dir(cfg: DictConfig) -> Path:
         path = output_dir(cfg) / "runs" / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def resume_path(cfg: DictConfig, directory: Path) -> str | None:
+    """The checkpoint to start from: run.resume (a path), "last" (checkpoints/last.ckpt), or "auto": last.ckpt if
+    it exists, else none (what a SLURM job runs with, so that its first attempt starts fresh and a requeued one
+    resumes)."""
+    resume = cfg.run.resume
+    last = directory / "checkpoints" / "last.ckpt"
+    if resume == "auto":
+        return str(last) if last.is_file() else None
+    if resume == "last":
+        return str(last)
+    return resume
 
 
 def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
@@ -49,15 +64,24 @@ def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
         monitor="step",
         mode="max",
         save_last=True,
+        enable_version_counter=False,  # names are unique by step; last.ckpt stays last.ckpt after a resume
     )
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True), trainer_args["accelerator"])
+    callbacks = [TokenThroughput(pad_id=cfg.model.pad_id), RunStart(resume_path(cfg, directory)), checkpoints]
+    plugins = []
+    if SLURMEnvironment.detect():  # a task started by srun: ranks, world and address come from SLURM
+        # auto_requeue=False: Lightning's handler would checkpoint inside the signal handler; RequeueOnPreemption
+        # does it at an optimizer step instead (why: pipeline/preemption.py).
+        plugins.append(SLURMEnvironment(auto_requeue=False, requeue_signal=preemption.REQUEUE_SIGNAL))
+        callbacks.append(RequeueOnPreemption(directory / "checkpoints" / "last.ckpt"))
     return L.Trainer(
         **trainer_args,
         strategy=strategy,
+        plugins=plugins or None,
         default_root_dir=str(directory),
         logger=build_loggers(cfg, directory),
-        callbacks=[TokenThroughput(pad_id=cfg.model.pad_id), checkpoints],
+        callbacks=callbacks,
     )
 
 
@@ -100,21 +124,27 @@ def main(cfg: DictConfig) -> dict:
     trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)
     datamodule.accumulation = trainer.accumulate_grad_batches
     rank_zero_info(describe_run(cfg, trainer))
-    ckpt_path = cfg.run.resume
-    if ckpt_path == "last":
-        ckpt_path = str(directory / "checkpoints" / "last.ckpt")
+    ckpt_path = resume_path(cfg, directory)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     minutes = (time.perf_counter() - started) / 60
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    run_start = next(c for c in trainer.callbacks if isinstance(c, RunStart))
+    requeue = next((c for c in trainer.callbacks if isinstance(c, RequeueOnPreemption)), None)
     summary = {
         "run_dir": str(directory),
         "steps": trainer.global_step,
         "minutes": round(minutes, 2),
+        "start_step": run_start.start_step,
+        "resumed_from": ckpt_path,
+        "world_size": trainer.world_size,
+        "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
         **metrics,
     }
-    if trainer.is_global_zero:
+    if requeue is not None and requeue.requeued:  # not finished: the requeued job continues from last.ckpt
+        summary["requeued"] = True
+    elif trainer.is_global_zero:
         (directory / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"\nTrained {trainer.global_step} steps in {minutes:.1f} min; run folder: {directory}")
         if "val/ppl" in metrics:

@@ -1,0 +1,141 @@
+"""Reading a run's checkpoints, whatever wrote them: Lightning files or DeepSpeed checkpoint folders.
+
+`aiayn train` writes <run>/checkpoints/step<NNNNNNN>.ckpt every N steps or T minutes, plus last.ckpt, a copy of
+the newest. Under DeepSpeed (strategy=deepspeed) each "checkpoint path" is a folder: `latest` names a tag folder
+holding the (partitioned) model and optimizer states, and Lightning's own entries (global_step,
+hyper_parameters, ...) ride along as DeepSpeed's client state in the rank-0 model-states file. Everything here
+returns one shape for both: a Lightning checkpoint dict whose "state_dict" holds full fp32 tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import RunFolderError
+
+# DeepSpeed's own file names (deepspeed/runtime/engine.py): rank 0's model states under ZeRO 0-2, then ZeRO-3.
+_DS_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+# Entries of a DeepSpeed model-states file that are DeepSpeed's, not Lightning's (as Lightning's
+# convert_zero_checkpoint_to_fp32_state_dict drops them).
+_DS_ENTRIES = {
+    "module",
+    "buffer_names",
+    "param_shapes",
+    "frozen_param_shapes",
+    "frozen_param_fragments",
+    "shared_params",
+    "optimizer",
+    "lr_scheduler",
+    "data_sampler",
+    "random_ltd",
+    "sparse_tensor_module_names",
+    "csr_tensor_module_names",
+    "skipped_steps",
+    "global_steps",
+    "global_samples",
+    "dp_world_size",
+    "mp_world_size",
+    "ds_config",
+    "ds_version",
+}
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One checkpoint of a run: where it is, the optimizer step it was taken at, when it was last written."""
+
+    path: Path
+    global_step: int
+    mtime: float  # newest modification time of the file (or of any file in a DeepSpeed folder)
+
+    def record(self) -> dict[str, Any]:
+        """What averaged.ckpt stores about its inputs (to tell later whether it is up to date)."""
+        return {"name": self.path.name, "global_step": self.global_step}
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    # weights_only=False: Lightning checkpoints hold more than tensors (loop and callback states); these are the
+    # run's own files. mmap: tensors are read only when touched, so reading the metadata is cheap.
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def _ds_tag_dir(folder: Path) -> Path:
+    latest = folder / "latest"
+    if not latest.is_file():
+        raise RunFolderError(
+            f"{folder} is a folder but not a DeepSpeed checkpoint (no 'latest' file naming its tag folder); "
+            "remove it or point to a checkpoint file"
+        )
+    tag_dir = folder / latest.read_text().strip()
+    if not tag_dir.is_dir():
+        raise RunFolderError(f"{latest} names the tag folder {tag_dir.name!r}, which does not exist in {folder}")
+    return tag_dir
+
+
+def _ds_client_state(folder: Path) -> dict[str, Any]:
+    """Lightning's entries of a DeepSpeed checkpoint folder (global_step, hyper_parameters, ...), no tensors."""
+    tag_dir = _ds_tag_dir(folder)
+    for name in _DS_MODEL_STATES:
+        if (tag_dir / name).is_file():
+            state = _torch_load(tag_dir / name)
+            return {k: v for k, v in state.items() if k not in _DS_ENTRIES}
+    raise RunFolderError(f"no DeepSpeed model-states file ({' or '.join(_DS_MODEL_STATES)}) in {tag_dir}")
+
+
+def _mtime(path: Path) -> float:
+    if path.is_dir():
+        return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=path.stat().st_mtime)
+    return path.stat().st_mtime
+
+
+def checkpoint_ref(path: Path) -> CheckpointRef:
+    """The step and modification time of one checkpoint (file or DeepSpeed folder), read without its tensors."""
+    meta = _ds_client_state(path) if path.is_dir() else _torch_load(path)
+    if "global_step" not in meta:
+        raise RunFolderError(f"{path} has no 'global_step': not a Lightning checkpoint written by `aiayn train`")
+    return CheckpointRef(path=path, global_step=int(meta["global_step"]), mtime=_mtime(path))
+
+
+def run_checkpoints(checkpoint_dir: Path) -> list[CheckpointRef]:
+    """The distinct checkpoints of a run, oldest first (by global step).
+
+    last.ckpt (or last-v1.ckpt, ...) is a copy of the newest step checkpoint: it counts only when it holds a step
+    no other checkpoint holds (e.g. when older step checkpoints were deleted). Two files of the same step are one
+    checkpoint (the step-named one is kept).
+    """
+    if not checkpoint_dir.is_dir():
+        raise RunFolderError(f"no checkpoints folder {checkpoint_dir}: train first (`aiayn train run.dir=...`)")
+    paths = [p for p in checkpoint_dir.iterdir() if p.name.endswith(".ckpt") and not p.name.startswith(".")]
+    # The step-named ones first, so that for a step both hold, the step-named file wins over last.ckpt.
+    paths.sort(key=lambda p: (p.name.startswith("last"), p.name))
+    by_step: dict[int, CheckpointRef] = {}
+    for path in paths:
+        ref = checkpoint_ref(path)
+        by_step.setdefault(ref.global_step, ref)
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint as a Lightning checkpoint dict; a DeepSpeed folder is consolidated to full fp32 tensors
+    with DeepSpeed's own zero_to_fp32 (any ZeRO stage, any number of ranks it was written by)."""
+    path = Path(path)
+    if not path.exists():
+        raise RunFolderError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        checkpoint = _torch_load(path)
+        if "state_dict" not in checkpoint:
+            raise RunFolderError(f"{path} has no 'state_dict': not a Lightning checkpoint")
+        return checkpoint
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation runs on the CPU, with or without a GPU
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint = _ds_client_state(path)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=_ds_tag_dir(path).name)
+    # Lightning < 2.1 wrapped the module as `_forward_module`: strip it, as Lightning's own converter does.
+    checkpoint["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    return checkpoint

@@ -1,0 +1,198 @@
+"""`aiayn evaluate`: translate a prepared split with a trained model and score it with sacrebleu (section 6.1).
+
+The source side is the split's prepared token ids (exactly what training-time encoding produced, plus <eos>);
+hypotheses are decoded back to text with the SentencePiece model, and scored against the split's raw reference
+text, as read from the corpus files: detokenized BLEU and chrF with sacrebleu's defaults, whose signatures are
+printed and saved. Written into the run folder:
+
+    eval-<split>.hyp.txt    one hypothesis per line, in the split's order
+    eval-<split>.ref.txt    the references, so `sacrebleu eval-<split>.ref.txt -i eval-<split>.hyp.txt -m bleu chrf`
+                            reproduces the scores
+    eval-<split>.json       scores, signatures, checkpoint, decoding settings, timing
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from data.manifest import write_json_atomic
+from modules.lightning import TranslationModule
+from modules.search import greedy_search
+from modules.transformer import Transformer
+from pipeline.average import AVERAGED_NAME, require_run_dir
+from pipeline.checkpoints import load_checkpoint
+from pipeline.config import output_dir
+from pipeline.errors import RunFolderError
+
+# A search: (model, src (batch, src_len) right-padded) -> token ids per sentence, without bos/eos.
+Search = Callable[[Transformer, torch.Tensor], list[list[int]]]
+
+
+def resolve_checkpoint(cfg: DictConfig, run_dir: Path) -> Path:
+    """evaluate.checkpoint (a path, relative ones taken inside run.dir), else averaged.ckpt, else last.ckpt."""
+    if cfg.evaluate.get("checkpoint"):
+        path = Path(cfg.evaluate.checkpoint).expanduser()
+        path = path if path.is_absolute() or path.exists() else run_dir / path
+        if not path.exists():
+            raise RunFolderError(f"evaluate.checkpoint={cfg.evaluate.checkpoint}: not found (also not in {run_dir})")
+        return path.resolve()
+    for path in (run_dir / AVERAGED_NAME, run_dir / "checkpoints" / "last.ckpt"):
+        if path.exists():
+            return path
+    raise RunFolderError(
+        f"no {AVERAGED_NAME} and no checkpoints/last.ckpt in run.dir={run_dir}: train (and `aiayn average`) first, "
+        "or name one with evaluate.checkpoint=<path>"
+    )
+
+
+def load_model(path: Path) -> tuple[Transformer, dict[str, Any]]:
+    """The Transformer of a checkpoint (file, averaged.ckpt or DeepSpeed folder) in eval mode, and the checkpoint's
+    other entries (global_step, hyper_parameters, averaged_from, ...)."""
+    checkpoint = load_checkpoint(path)
+    if "hyper_parameters" not in checkpoint:
+        raise RunFolderError(f"{path} has no hyper_parameters: the model cannot be rebuilt from it")
+    module = TranslationModule(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint.pop("state_dict"))
+    return module.model.eval(), checkpoint
+
+
+def make_search(eval_cfg: DictConfig, bos_id: int, eos_id: int) -> tuple[Search, dict[str, Any]]:
+    """The decoding the evaluate.* keys ask for, and its description for eval-<split>.json.
+
+    Greedy search, output length up to input length + evaluate.max_extra (section 6.1: "input length + 50").
+    Beam search (section 6.1: beam 4, length penalty α = 0.6) plugs in here, selected by an evaluate.beam key.
+    """
+    max_extra = int(eval_cfg.max_extra)
+
+    def search(model: Transformer, src: torch.Tensor) -> list[list[int]]:
+        return greedy_search(model, src, bos_id, eos_id, max_extra=max_extra)
+
+    return search, {"search": "greedy", "max_extra": max_extra}
+
+
+def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Sentence indices grouped by source length (longest first), each batch at most max_tokens padded tokens
+    (at least one sentence), so little of each batch is padding."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = int(lengths[order[start]])  # the batch's first sentence is its longest
+        size = max(1, max_tokens // max(longest, 1))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
+def translate_ids(
+    model: Transformer,
+    sources: list[np.ndarray],
+    search: Search,
+    pad_id: int,
+    eos_id: int,
+    max_tokens: int,
+    device: torch.device,
+) -> list[list[int]]:
+    """Decode every source (ids without eos) in length-sorted batches; hypotheses come back in input order."""
+    lengths = np.array([len(s) + 1 for s in sources])  # + eos
+    hyps: list[list[int]] = [[] for _ in sources]
+    for batch in length_batches(lengths, max_tokens):
+        src = torch.full((len(batch), int(lengths[batch].max())), pad_id, dtype=torch.long)  # (batch, src_len)
+        for row, i in enumerate(batch):
+            src[row, : lengths[i] - 1] = torch.from_numpy(np.asarray(sources[i], dtype=np.int64))
+            src[row, lengths[i] - 1] = eos_id
+        for i, hyp in zip(batch, search(model, src.to(device)), strict=True):
+            hyps[i] = hyp
+    return hyps
+
+
+def score(hyps: list[str], refs: list[str]) -> dict[str, Any]:
+    """Corpus BLEU and chrF with sacrebleu's defaults (13a tokenization for BLEU), with their signatures."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    result: dict[str, Any] = {"signatures": {}}
+    for name, metric in (("bleu", BLEU()), ("chrf", CHRF())):
+        value = metric.corpus_score(hyps, [refs])
+        result[name] = value.score
+        result[f"{name}_text"] = str(value)  # e.g. "BLEU = 27.30 59.1/33.2/... (BP = 1.000 ...)"
+        result["signatures"][name] = str(metric.get_signature())
+    return result
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line.replace("\n", " ") + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(cfg: DictConfig) -> dict[str, Any]:
+    from data import TranslationDataModule
+
+    run_dir = require_run_dir(cfg, "evaluate")
+    split = cfg.evaluate.split
+    checkpoint_path = resolve_checkpoint(cfg, run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
+    datamodule.setup()  # reads the prepared folder: a DatasetNotPreparedError says to run `aiayn prepare`
+    tokenizer = datamodule.tokenizer
+    if split not in datamodule.splits:
+        raise RunFolderError(
+            f"evaluate.split={split}: {datamodule.dataset_dir} has only {sorted(datamodule.splits)}; "
+            f"add data.splits.{split} and run `aiayn prepare` again"
+        )
+    model, checkpoint = load_model(checkpoint_path)
+    if model.cfg.vocab_size != tokenizer.vocab_size:
+        raise RunFolderError(
+            f"{checkpoint_path} has model.vocab_size={model.cfg.vocab_size}, the BPE model of "
+            f"{datamodule.dataset_dir} has {tokenizer.vocab_size}: evaluate with the overrides the run was trained "
+            f"with (see {run_dir / 'config.yaml'})"
+        )
+    model.to(device)
+    pairs = datamodule.splits[split]
+    references = [ref for _, ref in datamodule.raw_pairs(split, len(pairs))]
+    if len(references) != len(pairs):
+        raise RunFolderError(f"{split}: {len(pairs)} prepared pairs but {len(references)} reference lines")
+
+    search, decoding = make_search(cfg.evaluate, tokenizer.bos_id, tokenizer.eos_id)
+    started = time.perf_counter()
+    sources = [pairs[i][0] for i in range(len(pairs))]
+    hyp_ids = translate_ids(
+        model, sources, search, tokenizer.pad_id, tokenizer.eos_id, int(cfg.evaluate.max_tokens), device
+    )
+    hypotheses = tokenizer.decode(hyp_ids)
+    seconds = time.perf_counter() - started
+
+    files = {kind: run_dir / f"eval-{split}.{kind}.txt" for kind in ("hyp", "ref")}
+    _write_lines(files["hyp"], hypotheses)
+    _write_lines(files["ref"], references)
+    scores = score(hypotheses, references)
+    result = {
+        "split": split,
+        "sentences": len(hypotheses),
+        **scores,
+        "checkpoint": str(checkpoint_path),
+        "global_step": checkpoint.get("global_step"),
+        "averaged_from": checkpoint.get("averaged_from"),
+        "dataset_dir": str(datamodule.dataset_dir),
+        "decoding": {**decoding, "max_tokens": int(cfg.evaluate.max_tokens), "device": str(device)},
+        "translate_seconds": round(seconds, 2),
+        "files": {kind: path.name for kind, path in files.items()},
+    }
+    json_path = run_dir / f"eval-{split}.json"
+    write_json_atomic(json_path, result)
+    print(
+        f"{split}: {len(hypotheses)} sentences translated in {seconds:.1f} s with {checkpoint_path.name} "
+        f"(step {result['global_step']}, {decoding['search']} search)\n"
+        f"  {scores['bleu_text']}\n    {scores['signatures']['bleu']}\n"
+        f"  {scores['chrf_text']}\n    {scores['signatures']['chrf']}\n"
+        f"{json_path}"
+    )
+    return result
