@@ -1,47 +1,79 @@
 """Where metrics go: a CSV file in the run folder always, and Weights & Biases when enabled.
 
-W&B mode: `WANDB_MODE` always wins; otherwise online when an API key is configured (WANDB_API_KEY or a
-~/.netrc entry for the W&B host), offline when not. Offline runs are written under the run folder and can be
-uploaded later from a machine with internet: `wandb sync <run folder>/wandb/offline-run-*`.
+W&B mode: `WANDB_MODE` always wins; otherwise online when an API key is configured (WANDB_API_KEY or a netrc
+entry for the W&B host, which `wandb login` writes), offline when not. Offline runs are written under
+<run folder>/wandb/offline-run-<time>-<id>/ and uploaded later from a machine with internet:
+`wandb sync <run folder>/wandb/` (every segment of a resumed run, in order, into one W&B run).
+
+One W&B run per training run: Lightning's WandbLogger creates it on global rank 0 only (its `experiment` is
+`rank_zero_experiment`, its log_* methods `rank_zero_only`; other ranks get a dummy and write nothing). A run that
+continues (a requeued SLURM job, `run.resume=last`) reopens the same run id with resume="allow", so its metrics
+append to the same W&B run; offline, each start writes one more offline-run folder with that id.
 """
 
 from __future__ import annotations
 
 import netrc
 import os
+import re
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-# Keys whose values never reach W&B's config panel.
-SECRET_MARKERS = ("key", "token", "secret", "password")
+# A key naming a secret, by its words ("hf_token", "WANDB_API_KEY", "apiKey", "db.password"), whose value never
+# reaches W&B's config panel. Whole words only: "max_tokens" and "tokens_per_update" are no secrets.
+SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials"}
+# WANDB_MODE's legacy spellings (Lightning's WandbLogger itself sets WANDB_MODE=dryrun for offline runs).
+MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 
 
 def wandb_mode() -> str:
     """'online', 'offline' or 'disabled', following WANDB_MODE, else whether an API key is configured."""
     if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+        return MODE_ALIASES.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"])
     if os.environ.get("WANDB_API_KEY"):
         return "online"
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].rstrip("/")
     try:
-        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]
-        if netrc.netrc().authenticators(host):
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):  # None: ~/.netrc
             return "online"
     except (FileNotFoundError, netrc.NetrcParseError):
         pass
     return "offline"
 
 
+def is_secret(key: object) -> bool:
+    return bool(SECRET_WORDS.intersection(re.split(r"[^a-z0-9]+", str(key).lower())))
+
+
 def redact(value):
-    """The config with secret-looking values replaced, safe to log."""
+    """The config with the values of secret-naming keys (SECRET_WORDS) replaced, safe to log."""
     if isinstance(value, dict):
-        return {
-            k: "<redacted>" if any(m in str(k).lower() for m in SECRET_MARKERS) else redact(v) for k, v in value.items()
-        }
+        return {k: "<redacted>" if is_secret(k) else redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value
+
+
+def wandb_group(cfg: DictConfig) -> str | None:
+    """logger.wandb.group, else the SLURM job id: a job's ranks and requeues (same id) land in one group."""
+    return cfg.logger.wandb.group or os.environ.get("SLURM_JOB_ID")
+
+
+def wandb_run_id(cfg: DictConfig, run_dir: Path) -> str:
+    """logger.wandb.id, else one id per run folder, stable across restarts that reuse it.
+
+    An explicit run.dir names the run (a job resubmitted with the same run.dir continues its W&B run). Without
+    one, a SLURM job's folder gets a new timestamp when the job is requeued, so the id comes from the job id,
+    which a requeue keeps; outside SLURM the timestamped folder name is unique per run.
+    """
+    if cfg.logger.wandb.id:
+        return str(cfg.logger.wandb.id)
+    job = os.environ.get("SLURM_JOB_ID")
+    name = run_dir.name if cfg.run.dir or not job else f"{cfg.run.name}-slurm{job}"
+    return re.sub(r"[:;,#?/'\s]", "-", name)  # the characters W&B refuses in a run id
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
@@ -54,15 +86,24 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         loggers.append(
             WandbLogger(
                 project=wb.project,
-                group=wb.group,
+                group=wandb_group(cfg),
                 name=wb.name or run_dir.name,
                 tags=list(wb.tags or []),
                 save_dir=str(run_dir),
                 offline=mode == "offline",
-                # One W&B run per training run: a requeued job resumes into the same run id.
-                id=wb.id or run_dir.name,
+                id=wandb_run_id(cfg, run_dir),
                 resume="allow",
                 config=redact(OmegaConf.to_container(cfg, resolve=True)),
             )
         )
     return loggers
+
+
+@rank_zero_only
+def finish_wandb() -> None:
+    """Close the W&B run at the end of `aiayn train` (Lightning leaves it open until the interpreter exits): its
+    summary and exit record are written, and a later run in the same process starts a run of its own."""
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()

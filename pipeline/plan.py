@@ -226,6 +226,11 @@ def step_seconds(flops_per_update: float, world_size: int, peak_flops: float, mf
     return flops_per_update / (world_size * peak_flops * mfu)
 
 
+def model_flops_utilization(flops_per_token: float, tokens_per_second: float, devices: int, peak_flops: float) -> float:
+    """Measured MFU, the inverse of step_seconds: FLOPs per token x tokens/s / (devices x peak)."""
+    return flops_per_token * tokens_per_second / (devices * peak_flops)
+
+
 def paper_training_flops(hours: float, gpus: int, capacity_flops: float) -> float:
     """Section 6.1's estimate of training cost (Table 2's "Training Cost (FLOPs)").
 

@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from data import TranslationDataModule
 from modules.lightning import TranslationModule
 from pipeline import preemption
-from pipeline.callbacks import RequeueOnPreemption, RunStart, TokenThroughput
+from pipeline.callbacks import MemoryMonitor, RequeueOnPreemption, RunStart, TokenThroughput
 from pipeline.config import output_dir
-from pipeline.loggers import build_loggers
+from pipeline.loggers import build_loggers, finish_wandb
 from pipeline.plan import accumulation_steps
 from pipeline.strategies import build_strategy
 
@@ -68,7 +68,12 @@ def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
     )
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True), trainer_args["accelerator"])
-    callbacks = [TokenThroughput(pad_id=cfg.model.pad_id), RunStart(resume_path(cfg, directory)), checkpoints]
+    callbacks = [
+        TokenThroughput(pad_id=cfg.model.pad_id, gpu=cfg.cluster.gpu),
+        MemoryMonitor(),
+        RunStart(resume_path(cfg, directory)),
+        checkpoints,
+    ]
     plugins = []
     if SLURMEnvironment.detect():  # a task started by srun: ranks, world and address come from SLURM
         # auto_requeue=False: Lightning's handler would checkpoint inside the signal handler; RequeueOnPreemption
@@ -119,6 +124,7 @@ def main(cfg: DictConfig) -> dict:
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         n_samples=cfg.run.n_samples,
+        bleu_sentences=cfg.run.val_bleu_sentences,
     )
     trainer = build_trainer(cfg, directory)
     trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)
@@ -151,6 +157,7 @@ def main(cfg: DictConfig) -> dict:
             print(f"validation perplexity {metrics['val/ppl']:.2f}  (loss {metrics['val/loss']:.3f})")
         for src, ref, hyp in module.samples:
             print(f"  SRC {src}\n  REF {ref}\n  HYP {hyp}\n")
+    finish_wandb()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Tear the process groups down now, not while the interpreter exits: ZeRO-3 leaves a second gloo group
         # whose worker thread is still running then, and destroying a running std::thread aborts the process

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import csv as csv_module
 import gzip
 import json
+import os
 from pathlib import Path
 
 import lightning as L
+import pytest
+import sacrebleu
 import torch
 from omegaconf import OmegaConf
+from wandb_records import offline_runs
 
 from data import TranslationDataModule
 from modules.config import TransformerConfig
@@ -18,6 +23,7 @@ from modules.search import greedy_search
 from modules.transformer import Transformer
 from pipeline import train
 from pipeline.config import load_config
+from pipeline.plan import ACCELERATORS, training_flops_per_target_token
 
 TINY_MODEL = ["model.n_layers=2", "model.d_model=64", "model.d_ff=128", "model.n_heads=4", "model.vocab_size=400"]
 
@@ -90,24 +96,81 @@ def test_short_fit_lowers_validation_loss(tmp_path, corpora_dir):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
-def test_cli_train_runs_and_reports(tmp_path, corpora_dir, capsys):
-    """`aiayn train` with overrides: trains, writes summary.json with validation perplexity, prints samples."""
+def test_cli_train_runs_and_reports(tmp_path, corpora_dir, capsys, monkeypatch):
+    """`aiayn train` with overrides: trains, writes summary.json with validation perplexity, prints samples; logs
+    every dashboard metric to an offline W&B run (read back from its files), grouped by the SLURM job, with the
+    config's secrets redacted; a resumed run appends to the same W&B run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # W&B's stdout capture would hide pytest's own
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # only the W&B group reads it (Lightning's SLURM needs SLURM_NTASKS)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
     corpora = _slice_multi30k(corpora_dir, tmp_path / "corpora", n_train=500, n_valid=50)
-    cfg = load_config(
-        [
-            *TINY_MODEL,
-            f"paths.output_dir={tmp_path / 'outputs'}",
-            f"paths.corpora_dir={corpora}",
-            f"run.dir={tmp_path / 'run'}",
-            "trainer.max_steps=4",
-            "trainer.val_check_interval=4",
-            "trainer.enable_progress_bar=false",
-            "logger.wandb.enabled=false",
-        ]
-    )
-    summary = train.main(cfg)
+    overrides = [
+        *TINY_MODEL,
+        f"paths.output_dir={tmp_path / 'outputs'}",
+        f"paths.corpora_dir={corpora}",
+        f"run.dir={tmp_path / 'run'}",
+        "trainer.val_check_interval=4",
+        "trainer.log_every_n_steps=2",
+        "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_train_steps=4",
+        "run.n_samples=8",
+        "run.val_bleu_sentences=8",  # = n_samples: the samples table holds every sentence BLEU was computed on
+        "logger.wandb.tags=[ci]",
+        "+secrets.hf_token=hf_do_not_log_me",
+    ]
+    summary = train.main(load_config([*overrides, "trainer.max_steps=4"]))
     assert summary["steps"] == 4
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["val/ppl"] > 1.0
     out = capsys.readouterr().out
     assert "validation perplexity" in out and "HYP" in out
+
+    (run,) = offline_runs(tmp_path / "run")
+    assert (run.run_id, run.project, run.group, run.tags) == ("run", "aiayn", "4242", ["ci"])
+    assert run.config["model"]["d_model"] == 64 and run.config["run"]["val_bleu_sentences"] == 8
+    assert run.config["secrets"]["hf_token"] == "<redacted>"
+    for path in (tmp_path / "run" / "wandb").rglob("*"):
+        assert not path.is_file() or b"hf_do_not_log_me" not in path.read_bytes(), path
+
+    # W&B holds what the CSV logger wrote, step for step.
+    csv = list(csv_module.DictReader((tmp_path / "run" / "logs" / "metrics.csv").open()))
+    for key in ("train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/tgt_tokens_per_sec", "train/mfu"):
+        logged = [(row["trainer/global_step"], row[key]) for row in run.history if key in row]
+        written = [(int(row["step"]), float(row[key])) for row in csv if row.get(key)]
+        assert logged and [step for step, _ in logged] == [step for step, _ in written], key
+        assert [value for _, value in logged] == pytest.approx([value for _, value in written], rel=1e-6), key
+    for key in ("memory/rss_gb", "memory/peak_rss_gb", "val/loss", "val/ppl", "val/bleu"):
+        assert run.values(key), key
+
+    # MFU = FLOPs per token x tokens/s / peak: the FLOPs per token it implies lie between those of the shortest
+    # and the longest sentences (pipeline/plan.py's formula, this CPU's peak).
+    model = TransformerConfig.from_dict(OmegaConf.to_container(load_config(overrides).model, resolve=True))
+    counts = Transformer(model).parameter_counts()
+    flops = [training_flops_per_target_token(model, counts["encoder"], counts["decoder"], n, n).total for n in (2, 65)]
+    for row in run.history:
+        if "train/mfu" in row:
+            implied = row["train/mfu"] * ACCELERATORS["cpu"].peak_flops / row["train/tgt_tokens_per_sec"]
+            assert flops[0] <= implied <= flops[1], (implied, flops)
+    rss, peak = run.values("memory/rss_gb")[-1], run.values("memory/peak_rss_gb")[-1]
+    assert 0.05 < rss <= peak < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+    # The samples table: the first validation pairs of the corpus, the step, and the greedy hypotheses whose
+    # sacreBLEU is val/bleu.
+    (table_row,) = [row for row in run.history if "val/samples" in row]
+    table = run.table(table_row["val/samples"])
+    assert table["columns"] == ["src", "ref", "hyp", "step"] and table_row["trainer/global_step"] == 4
+    srcs, refs, hyps, steps = zip(*table["data"], strict=True)
+    for lang, lines in (("en", srcs), ("de", refs)):
+        with gzip.open(corpora / "multi30k" / f"val.{lang}.gz", "rt", encoding="utf-8") as f:
+            assert list(lines) == [next(f).strip() for _ in range(8)]
+    assert set(steps) == {4}
+    (bleu,) = run.values("val/bleu")
+    assert bleu == pytest.approx(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score, abs=1e-9)
+
+    # A restart from the last checkpoint (a requeued job) reopens the same W&B run and carries on after step 4.
+    train.main(load_config([*overrides, "trainer.max_steps=6", "run.resume=last"]))
+    first, resumed = offline_runs(tmp_path / "run")
+    assert resumed.run_id == first.run_id == "run" and resumed.resume and resumed.group == "4242"
+    assert max(first.values("trainer/global_step")) == 4
+    assert min(resumed.values("trainer/global_step")) > 4 and 6 in resumed.values("trainer/global_step")
