@@ -71,16 +71,6 @@ def _save(module: TranslationModule, step: int, path: Path) -> None:
     torch.save(checkpoint, path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding runs thousands of tiny ops: with 2 intra-op threads on a loaded 2-core host every op waits for
-    the other thread to be scheduled (measured: 70 greedy steps took 360 s with 2 threads, 8 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def hand_made_run(tiny: dict) -> dict:
     """A run folder as `aiayn train` leaves it: step checkpoints at STEPS and last.ckpt, a copy of the newest.
