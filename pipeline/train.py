@@ -9,7 +9,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +18,7 @@ from pipeline.callbacks import TokenThroughput
 from pipeline.config import output_dir
 from pipeline.loggers import build_loggers
 from pipeline.plan import accumulation_steps
+from pipeline.resume import AtomicCheckpointIO, RNGState, UpdateCheckpoint
 from pipeline.strategies import build_strategy
 
 
@@ -39,7 +39,7 @@ def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
             f"checkpoint.every_n_train_steps={cfg.checkpoint.every_n_train_steps} and checkpoint.every_n_minutes="
             f"{minutes} both set the cadence: set the other to null"
         )
-    checkpoints = ModelCheckpoint(
+    checkpoints = UpdateCheckpoint(
         dirpath=directory / "checkpoints",
         filename="step{step:07d}",
         auto_insert_metric_name=False,
@@ -52,12 +52,16 @@ def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
     )
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True), trainer_args["accelerator"])
+    # Exact resume (pipeline/resume.py): RNG states in the checkpoint, saves only between optimizer updates,
+    # checkpoint files renamed into place whole. (DeepSpeed writes its checkpoint folders itself.)
+    plugins = [] if cfg.strategy.name == "deepspeed" else [AtomicCheckpointIO()]
     return L.Trainer(
         **trainer_args,
         strategy=strategy,
+        plugins=plugins,
         default_root_dir=str(directory),
         logger=build_loggers(cfg, directory),
-        callbacks=[TokenThroughput(pad_id=cfg.model.pad_id), checkpoints],
+        callbacks=[TokenThroughput(pad_id=cfg.model.pad_id), RNGState(), checkpoints],
     )
 
 
