@@ -91,9 +91,15 @@ class TokenThroughput(L.Callback):
             self._src_tokens += batch.get("n_src_tokens", 0)
             self._sentences += batch["tgt_out"].size(0)
         self._last = now
-        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 and self._elapsed > 0:
-            pl_module.log("train/tgt_tokens_per_sec", float(self._tokens) / self._elapsed, prog_bar=True)
-            self._tokens, self._elapsed = 0, 0.0
+        if _logging_step(trainer) and self._elapsed > 0:
+            tokens = float(self._tokens)
+            pl_module.log("train/tgt_tokens_per_sec", tokens / self._elapsed, prog_bar=True)
+            if self._flops and self._peak and self._src_tokens:
+                model, encoder, decoder = self._flops
+                src_len, tgt_len = self._src_tokens / self._sentences, tokens / self._sentences
+                per_token = training_flops_per_target_token(model, encoder, decoder, src_len, tgt_len).total
+                pl_module.log("train/mfu", model_flops_utilization(per_token, tokens / self._elapsed, 1, self._peak))
+            self._tokens, self._src_tokens, self._sentences, self._elapsed = 0, 0, 0, 0.0
 
 
 class RunStart(L.Callback):
@@ -153,15 +159,6 @@ class RequeueOnPreemption(L.Callback):
         trainer.save_checkpoint(self.checkpoint_path)  # collective: every rank, the same step
         rank_zero_info(f"preempted: saved {self.checkpoint_path} at step {trainer.global_step}")
         self._requeue(trainer)
-        if _logging_step(trainer) and self._elapsed > 0:
-            tokens = float(self._tokens)
-            pl_module.log("train/tgt_tokens_per_sec", tokens / self._elapsed, prog_bar=True)
-            if self._flops and self._peak and self._src_tokens:
-                model, encoder, decoder = self._flops
-                src_len, tgt_len = self._src_tokens / self._sentences, tokens / self._sentences
-                per_token = training_flops_per_target_token(model, encoder, decoder, src_len, tgt_len).total
-                pl_module.log("train/mfu", model_flops_utilization(per_token, tokens / self._elapsed, 1, self._peak))
-            self._tokens, self._src_tokens, self._sentences, self._elapsed = 0, 0, 0, 0.0
 
 
 class MemoryMonitor(L.Callback):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +20,7 @@ from pipeline.callbacks import MemoryMonitor, RequeueOnPreemption, RunStart, Tok
 from pipeline.config import output_dir
 from pipeline.loggers import build_loggers, finish_wandb
 from pipeline.plan import accumulation_steps
+from pipeline.resume import AtomicCheckpointIO, RNGState, UpdateCheckpoint
 from pipeline.strategies import build_strategy
 
 
@@ -54,7 +54,7 @@ def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
             f"checkpoint.every_n_train_steps={cfg.checkpoint.every_n_train_steps} and checkpoint.every_n_minutes="
             f"{minutes} both set the cadence: set the other to null"
         )
-    checkpoints = ModelCheckpoint(
+    checkpoints = UpdateCheckpoint(
         dirpath=directory / "checkpoints",
         filename="step{step:07d}",
         auto_insert_metric_name=False,
@@ -72,9 +72,12 @@ def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
         TokenThroughput(pad_id=cfg.model.pad_id, gpu=cfg.cluster.gpu),
         MemoryMonitor(),
         RunStart(resume_path(cfg, directory)),
+        RNGState(),
         checkpoints,
     ]
-    plugins = []
+    # Exact resume (pipeline/resume.py): RNG states in the checkpoint, saves only between optimizer updates,
+    # checkpoint files renamed into place whole. (DeepSpeed writes its checkpoint folders itself.)
+    plugins: list = [] if cfg.strategy.name == "deepspeed" else [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # a task started by srun: ranks, world and address come from SLURM
         # auto_requeue=False: Lightning's handler would checkpoint inside the signal handler; RequeueOnPreemption
         # does it at an optimizer step instead (why: pipeline/preemption.py).

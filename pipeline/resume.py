@@ -1,0 +1,176 @@
+"""What makes a checkpoint resume *exactly*: an interrupted run, resumed, ends with the weights of an uninterrupted one.
+
+Lightning's checkpoint already holds the model, optimizer, LR scheduler, loop counters (global step, batch position)
+and the datamodule's sampler position (data/datamodule.py). Three pieces are added here:
+
+- `RNGState`: every rank's random number generators (dropout draws from them, section 5.4), which Lightning does
+  not save, and which it would not restore at the right moment anyway (see the class).
+- `UpdateCheckpoint`: ModelCheckpoint that never saves between the micro-batches of one optimizer update, where the
+  accumulated gradients (not in any checkpoint) would be lost on resume.
+- `AtomicCheckpointIO`: a checkpoint file is written beside its final name and renamed over it, so a process killed
+  while saving leaves the previous `last.ckpt` intact instead of a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class RNGState(L.Callback):
+    """Saves each rank's torch (CPU and CUDA), numpy and Python `random` state in the checkpoint; restores its own.
+
+    The training stream of random numbers is kept to itself: the state at the end of each training batch is put
+    back at the start of the next one. So whatever runs between two batches (validation, a new epoch's data loader
+    drawing its base seed, writing a checkpoint) leaves the dropout masks of the following batches unchanged, and
+    the state a checkpoint holds is exactly the one the next batch starts from, in the uninterrupted run and in the
+    resumed one alike (which, for instance, skips the validation the uninterrupted run did right after the save).
+
+    Under DDP every rank consumes its generators differently (its own batch shapes), so the checkpoint holds all
+    ranks' states, gathered on every save (the one rank that writes the file has them all), and each rank restores
+    its own. Resuming with another world size raises: neither these states nor the sampler's per-rank position
+    (data/batching.py) could be continued exactly.
+    """
+
+    def __init__(self) -> None:
+        self._trainer: L.Trainer | None = None
+        self._state: dict[str, Any] | None = None  # this rank's generators at the end of the last training batch
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if self._state is not None:
+            set_rng_state(self._state)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self._state = rng_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = _to_tensors(self._state if self._state is not None else rng_state())
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        ranks = [mine]
+        if world_size > 1:  # every rank is saving this checkpoint now (Trainer.save_checkpoint runs on all ranks)
+            ranks = [None] * world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        return {"world_size": world_size, "ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        trainer = self._trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        saved = int(state_dict["world_size"])
+        if saved != world_size:
+            path = getattr(trainer, "ckpt_path", None) or "the checkpoint"
+            raise RuntimeError(
+                f"{path} was written by {saved} process(es) but this run has {world_size} (trainer.devices x "
+                f"trainer.num_nodes): its per-rank random states and data positions cannot continue exactly. "
+                f"Resume with {saved} processes, or start a new run (run.resume=null) that loads its weights."
+            )
+        self._state = _from_tensors(state_dict["ranks"][rank])  # set at the start of the next training batch
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's global random number generators (torch CPU and CUDA, numpy, Python)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _to_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """rng_state() as tensors and numbers only, so that torch.load(weights_only=True) (Lightning's default) reads it.
+
+    numpy: ("MT19937", 624 uint32 keys, pos, has_gauss, cached_gaussian); Python: (version, 625 ints, gauss).
+    """
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    version, words, gauss = state["python"]
+    return {
+        "torch": state["torch"],
+        "cuda": list(state["cuda"]),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
+        | {"has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+    }
+
+
+def _from_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    n, p = state["numpy"], state["python"]
+    return {
+        "torch": state["torch"],
+        "cuda": list(state["cuda"]),
+        "numpy": (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]),
+        "python": (p["version"], tuple(p["words"].tolist()), p["gauss"]),
+    }
+
+
+class UpdateCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose step- and time-triggered saves happen only after an optimizer update.
+
+    A save between the micro-batches of one update (gradient accumulation: train.tokens_per_update) would miss the
+    gradients accumulated so far, which no checkpoint holds, and the resumed update would be computed from fewer
+    micro-batches. Step-triggered saves already fall after updates; a time-triggered one waits for the next.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        # The rule Lightning's own loop uses to decide whether this micro-batch ends with an optimizer step.
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, idx)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes `<dir>/.<name>.<pid>.tmp`, flushes it to disk, then renames it to `<dir>/<name>`.
+
+    A rename within one directory replaces the file at once (POSIX), so whenever the process is killed, `last.ckpt`
+    is either the previous complete checkpoint or the new complete one. Lightning's default writes the whole
+    checkpoint to a memory buffer, then to a temporary file in the system's temp folder, then moves it: when that
+    folder is on another filesystem than the run (node-local /tmp, shared checkpoints), the move is a copy, and a
+    kill during the copy leaves a truncated checkpoint under the final name. Remote paths (s3://...) keep the default.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while saving
+            stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

@@ -1,0 +1,316 @@
+"""Exact resume (pipeline/resume.py): a run killed with SIGKILL after its step-N checkpoint, then resumed
+(run.resume=last), ends with the uninterrupted run's weights, optimizer and scheduler state, RNG states and data
+position, bit for bit; in one process and in 2-process DDP (gloo). Plus the pieces on their own: RNG states
+survive a checkpoint and are kept from whatever runs between training batches; a wrong world size is refused; a
+time-triggered save never lands inside an accumulated update; a process killed while saving leaves the previous
+checkpoint loadable.
+
+The end-to-end runs are `python -m pipeline train` subprocesses (what a user or a requeued job runs) on a 200-pair
+slice of data=tiny with a tiny model, 32-true precision, deterministic CPU kernels, dropout 0.1. With 1024 tokens
+per batch an epoch is 7 batches in one process and 4 per rank under DDP, so the step-5 checkpoint falls mid-epoch
+and steps 6-10 cross an epoch boundary (a new shuffle, a new data loader iterator). Validation runs at steps 5 and
+10, right after the checkpoint, as it does in the uninterrupted run but not in the resumed one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, model_checkpoint
+from test_train import TINY_MODEL
+
+from data import prepare_dataset
+from pipeline.config import load_config
+from pipeline.resume import AtomicCheckpointIO, RNGState, UpdateCheckpoint
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+N = 5  # checkpoint every N steps; the killed run is resumed from step N and runs to 2N
+TIMEOUT_S = float(os.environ.get("AIAYN_RESUME_TEST_TIMEOUT", 1800))  # an upper bound for a loaded machine
+# Variables that would make the children join some other job's process group or cluster environment.
+_FOREIGN_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_", "LSB_", "KUBERNETES_")
+_FOREIGN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"}
+
+
+@pytest.fixture(scope="session")
+def resume_data(tmp_path_factory: pytest.TempPathFactory, corpora_dir: Path) -> list[str]:
+    """data=tiny on the first 200 training / 40 validation pairs, prepared once: the overrides every run shares."""
+    root = tmp_path_factory.mktemp("exact_resume")
+    (root / "corpora" / "multi30k").mkdir(parents=True)
+    for name, n in (("val", 200), ("test_2016_flickr", 40)):  # data=tiny's train and valid/test files
+        for lang in ("en", "de"):
+            with gzip.open(corpora_dir / "multi30k" / f"{name}.{lang}.gz", "rt", encoding="utf-8") as f:
+                lines = [next(f) for _ in range(n)]
+            with gzip.open(root / "corpora" / "multi30k" / f"{name}.{lang}.gz", "wt", encoding="utf-8") as f:
+                f.writelines(lines)
+    overrides = [
+        *TINY_MODEL,
+        "model.dropout=0.1",
+        "data=tiny",
+        "data.max_tokens=1024",
+        f"paths.corpora_dir={root / 'corpora'}",
+        f"paths.output_dir={root / 'outputs'}",
+        "trainer.precision=32-true",
+        "trainer.deterministic=true",
+        f"trainer.max_steps={2 * N}",
+        f"trainer.val_check_interval={N}",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        f"checkpoint.every_n_train_steps={N}",
+        "checkpoint.save_top_k=5",
+        "run.n_samples=1",
+        "logger.wandb.enabled=false",
+    ]
+    prepare_dataset(load_config(overrides).data, root / "outputs")  # here, once: the runs only read it
+    return overrides
+
+
+def _command(overrides: list[str], devices: int, run_dir: Path, *extra: str) -> list[str]:
+    parallel = ["trainer.devices=2", "strategy=ddp"] if devices == 2 else []
+    return [sys.executable, "-m", "pipeline", "train", *overrides, *parallel, f"run.dir={run_dir}", *extra]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV and not k.startswith(_FOREIGN_ENV_PREFIXES)}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    return env
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    """In its own session, so that a SIGKILL to its process group takes every DDP rank down, as a node failure
+    or `scancel` does."""
+    return subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    proc = _start(cmd, log)
+    try:
+        rc = proc.wait(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 0, f"{' '.join(cmd)}\nexit {rc}\n{log.read_text()[-6000:]}"
+
+
+def _run_and_kill_after_checkpoint(cmd: list[str], checkpoint: Path, log: Path) -> None:
+    """Start the run, SIGKILL all its processes as soon as `checkpoint` exists (renamed into place when complete)."""
+    proc = _start(cmd, log)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+    assert checkpoint.exists(), f"no {checkpoint}: exit {rc}\n{log.read_text()[-6000:]}"
+    assert rc == -signal.SIGKILL, f"the run was not killed but ended by itself (exit {rc}):\n{log.read_text()[-3000:]}"
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_equal(a, b, where: str = "checkpoint") -> None:
+    """Tensors equal bit for bit (torch.equal, same dtype and shape); containers and plain values recursively."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where} differs: max |diff| {(a.double() - b.double()).abs().max().item()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# What must be identical between two checkpoints of the same step. ("callbacks" also holds ModelCheckpoint's
+# bookkeeping, which names the run folder; its RNGState entry is compared.)
+TRAINING_STATE = ("global_step", "state_dict", "optimizer_states", "lr_schedulers", "TranslationDataModule")
+
+
+def _training_state(ckpt: dict) -> dict:
+    state = {k: ckpt[k] for k in TRAINING_STATE}
+    state["rng"] = ckpt["callbacks"]["RNGState"]
+    state["loops"] = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2], ids=["1-process", "ddp-2-processes"])
+def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
+    devices: int, resume_data: list[str], tmp_path: Path
+) -> None:
+    straight, broken = tmp_path / "straight", tmp_path / "killed"
+    _run(_command(resume_data, devices, straight), tmp_path / "straight.log")
+    _run_and_kill_after_checkpoint(
+        _command(resume_data, devices, broken), broken / "checkpoints" / "last.ckpt", tmp_path / "killed.log"
+    )
+    at_kill = _load(broken / "checkpoints" / "last.ckpt")
+    assert at_kill["global_step"] == N, "killed after the step-2N checkpoint: nothing left to resume"
+    assert not (broken / "checkpoints" / f"step{2 * N:07d}.ckpt").exists()
+    # The same command up to the kill: the step-N checkpoints agree (a difference here is not resume's fault).
+    _assert_equal(
+        _training_state(_load(straight / "checkpoints" / f"step{N:07d}.ckpt")), _training_state(at_kill), "step N"
+    )
+    assert len(at_kill["callbacks"]["RNGState"]["ranks"]) == devices
+
+    _run(_command(resume_data, devices, broken, "run.resume=last"), tmp_path / "resumed.log")
+
+    expected, resumed = _load(straight / "checkpoints" / "last.ckpt"), _load(broken / "checkpoints" / "last.ckpt")
+    assert expected["global_step"] == resumed["global_step"] == 2 * N
+    assert expected["epoch"] == resumed["epoch"] > at_kill["epoch"]  # steps N+1..2N crossed an epoch boundary
+    _assert_equal(_training_state(expected), _training_state(resumed), "step 2N")
+    weights = expected["state_dict"]
+    assert not torch.equal(weights["model.embedding.weight"], at_kill["state_dict"]["model.embedding.weight"])
+    rank_states = expected["callbacks"]["RNGState"]["ranks"]
+    if devices == 2:  # the ranks drew different dropout masks: one shared state would not have done
+        assert not torch.equal(rank_states[0]["torch"], rank_states[1]["torch"])
+
+
+# -- the pieces on their own (in this process, cheap) --------------------------------------------------------------
+
+
+def _draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_rng_state_survives_a_checkpoint_and_is_kept_from_what_runs_between_batches(tmp_path: Path) -> None:
+    """After a batch, the next batch draws the same numbers whatever ran in between, and a new process that loads
+    the checkpoint (saved and read back as Lightning does, weights_only) draws them too."""
+    L.seed_everything(3)
+    callback = RNGState()
+    _ = torch.rand(10), np.random.rand(5)  # a training batch's draws (dropout)
+    callback.on_train_batch_end(None, None, None, None, 0)
+    expected = _draws()  # what the next batch draws if nothing runs in between
+    torch.save({"rng": callback.state_dict()}, tmp_path / "rng.pt")
+
+    _ = torch.rand(7), np.random.rand(2), random.random()  # e.g. validation, a new data loader's base seed
+    callback.on_train_batch_start(None, None, None, 1)
+    assert _draws() == expected
+
+    L.seed_everything(99)  # a fresh process: other seed, other history
+    resumed = RNGState()
+    resumed.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    resumed.on_train_batch_start(None, None, None, 0)
+    assert _draws() == expected
+
+
+def test_resuming_with_another_world_size_is_refused() -> None:
+    saved = RNGState()
+    state = saved.state_dict()  # one process
+    callback = RNGState()
+    callback.setup(SimpleNamespace(world_size=2, global_rank=1, ckpt_path="run/checkpoints/last.ckpt"), None, "fit")
+    with pytest.raises(RuntimeError, match=r"last\.ckpt was written by 1 process\(es\) but this run has 2"):
+        callback.load_state_dict(state)
+
+
+class _Toy(L.LightningModule):
+    """Linear regression; records, at each save, how many micro-batches of the epoch had been trained."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+        self.saved_at: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.saved_at.append(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+
+class _Clock:
+    """Stands in for ModelCheckpoint's `time` module: each reading is one second after the previous one."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def _saves_with_timed_checkpoints(checkpoint_cls: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    monkeypatch.setattr(model_checkpoint, "time", _Clock())
+    data = torch.utils.data.TensorDataset(torch.randn(24, 4), torch.randn(24, 1))
+    model = _Toy()
+    checkpoint = checkpoint_cls(dirpath=tmp_path, train_time_interval=timedelta(seconds=1.5), save_top_k=-1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=3,
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=2))  # 12 micro-batches, 4 updates
+    return model.saved_at
+
+
+def test_time_triggered_saves_wait_for_the_end_of_an_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With accumulation 3, a save after micro-batch 4 or 5 would lose their gradients. Lightning's own
+    ModelCheckpoint saves there under this clock; UpdateCheckpoint only after micro-batches 3, 6, 9 or 12."""
+    plain = _saves_with_timed_checkpoints(ModelCheckpoint, tmp_path / "plain", monkeypatch)
+    assert any(n % 3 for n in plain), plain  # the hazard is real
+    saves = _saves_with_timed_checkpoints(UpdateCheckpoint, tmp_path / "update", monkeypatch)
+    assert len(saves) >= 2 and all(n % 3 == 0 for n in saves), saves
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    """A child process overwrites last.ckpt and is SIGKILLed in the middle of writing it: the file still loads,
+    as the previous checkpoint; the next save replaces it and clears the dead process's partial file."""
+    checkpoint_io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    old = {"w": torch.arange(1000.0), "step": 5}
+    checkpoint_io.save_checkpoint(old, path)
+
+    pid = os.fork()
+    if pid == 0:  # the child: its torch.save writes half of the archive, then the process is killed
+        try:
+            save = torch.save
+
+            def save_half_then_die(obj, f):
+                buffer = io.BytesIO()
+                save(obj, buffer)
+                f.write(buffer.getvalue()[: buffer.tell() // 2])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            torch.save = save_half_then_die
+            checkpoint_io.save_checkpoint({"w": torch.zeros(100_000), "step": 10}, path)
+        finally:
+            os._exit(1)  # not reached: SIGKILL comes first
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    partial = list(tmp_path.glob(".last.ckpt.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0  # it did die while writing
+    _assert_equal(checkpoint_io.load_checkpoint(path, weights_only=True), old)
+
+    new = {"w": torch.ones(10), "step": 10}
+    checkpoint_io.save_checkpoint(new, path)
+    _assert_equal(checkpoint_io.load_checkpoint(path, weights_only=True), new)
+    assert not list(tmp_path.glob(".*.tmp"))
