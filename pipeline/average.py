@@ -9,7 +9,6 @@ so a second call with nothing new prints "up to date" and does nothing.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from pipeline.checkpoints import CheckpointRef, load_checkpoint, run_checkpoints
+from pipeline.checkpoints import CheckpointRef, load_checkpoint, run_checkpoints, save_atomic
 from pipeline.errors import RunFolderError
 
 AVERAGED_NAME = "averaged.ckpt"
@@ -84,20 +83,10 @@ def _is_up_to_date(target: Path, selected: list[CheckpointRef]) -> bool:
     if not target.is_file() or target.stat().st_mtime <= max(ref.mtime for ref in selected):
         return False
     try:
-        recorded = torch.load(target, map_location="cpu", weights_only=False, mmap=True).get("averaged_from")
+        recorded = load_checkpoint(target).get("averaged_from")
     except Exception:  # unreadable (e.g. not ours): make it again
         return False
     return recorded == [ref.record() for ref in selected]
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary name beside `path`, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def average_run(run_dir: Path, last_n: int, log=print) -> Path:

@@ -139,3 +139,29 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     # Lightning < 2.1 wrapped the module as `_forward_module`: strip it, as Lightning's own converter does.
     checkpoint["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in state.items()}
     return checkpoint
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to `<dir>/.<name>.<pid>.tmp`, flushed to disk, then renamed to `<dir>/<name>`.
+
+    A rename within one directory replaces the file at once (POSIX): whenever the process is killed, `path` is the
+    previous complete file or the new complete one, never half of one. Temp files left by a killed writer go.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while saving
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
