@@ -1,6 +1,7 @@
 """A 2-process DeepSpeed run on CPU for tests/test_deepspeed_cpu.py: train, checkpoint, resume, validate.
 
-Run by the test as ``torchrun --standalone --nproc_per_node=2 tests/ds_toy_run.py --stage S --out DIR``. Each
+Run by the test as 2 forked ranks (tests/forked.py, torchrun's variables without a new interpreter); by hand as
+``torchrun --standalone --nproc_per_node=2 tests/ds_toy_run.py --stages 1 2 3 --out DIR``. Each
 rank writes ``DIR/rank<R>.pt`` with what the test compares:
 
 1. fit A: 2 epochs (8 optimizer steps each) from seed 0, a DeepSpeed checkpoint after each epoch in DIR/ckpt.
@@ -50,14 +51,14 @@ def mse(net: nn.Module, dataset: TensorDataset) -> float:
         return F.mse_loss(net(x).float(), y.float()).item()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     parser = argparse.ArgumentParser()
     parser.add_argument("--stages", type=int, nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--keep-process-group", action="store_true", help="reproduce the ZeRO-3 abort at exit")
     parser.add_argument("--overrides", nargs="*", default=None, help="config for the update-normalization check")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for stage in args.stages:
         run_stage(stage, args.out / f"zero{stage}")
     if args.overrides is not None:

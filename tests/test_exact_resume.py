@@ -5,7 +5,8 @@ survive a checkpoint and are kept from whatever runs between training batches; a
 time-triggered save never lands inside an accumulated update; a process killed while saving leaves the previous
 checkpoint loadable.
 
-The end-to-end runs are `python -m pipeline train` subprocesses (what a user or a requeued job runs) on a 200-pair
+The end-to-end runs are `aiayn train` processes (what a user or a requeued job runs; forked from the test process, so
+that they skip the minutes of importing torch again: tests/forked.py) on a 200-pair
 slice of data=tiny with a tiny model, 32-true precision, deterministic CPU kernels, dropout 0.1. With 1024 tokens
 per batch an epoch is 7 batches in one process and 4 per rank under DDP, so the step-5 checkpoint falls mid-epoch
 and steps 6-10 cross an epoch boundary (a new shuffle, a new data loader iterator). Validation runs at steps 5 and
@@ -19,13 +20,12 @@ import io
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
+import forked
 import lightning as L
 import numpy as np
 import pytest
@@ -37,12 +37,8 @@ from data import prepare_dataset
 from pipeline.config import load_config
 from pipeline.resume import AtomicCheckpointIO, RNGState, UpdateCheckpoint
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 N = 5  # checkpoint every N steps; the killed run is resumed from step N and runs to 2N
 TIMEOUT_S = float(os.environ.get("AIAYN_RESUME_TEST_TIMEOUT", 1800))  # an upper bound for a loaded machine
-# Variables that would make the children join some other job's process group or cluster environment.
-_FOREIGN_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_", "LSB_", "KUBERNETES_")
-_FOREIGN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
 
 @pytest.fixture(scope="session")
@@ -80,46 +76,41 @@ def resume_data(tmp_path_factory: pytest.TempPathFactory, corpora_dir: Path) -> 
 
 def _command(overrides: list[str], devices: int, run_dir: Path, *extra: str) -> list[str]:
     parallel = ["trainer.devices=2", "strategy=ddp"] if devices == 2 else []
-    return [sys.executable, "-m", "pipeline", "train", *overrides, *parallel, f"run.dir={run_dir}", *extra]
+    return ["train", *overrides, *parallel, f"run.dir={run_dir}", *extra]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV and not k.startswith(_FOREIGN_ENV_PREFIXES)}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    return env
+def _start(argv: list[str], devices: int, log_dir: Path) -> list[forked.Child]:
+    """`aiayn train` as 1 process, or as 2 DDP ranks started the way torchrun starts them; forked from this
+    process (tests/forked.py), each rank in its own session so that SIGKILL takes it down as a node failure does."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if devices == 1:
+        return [forked.Child(forked.aiayn, (argv,), forked.clean_env(), log_dir / "rank0.log")]
+    return forked.torchrun_fork(forked.aiayn, (argv,), devices, log_dir)
 
 
-def _start(cmd: list[str], log: Path) -> subprocess.Popen:
-    """In its own session, so that a SIGKILL to its process group takes every DDP rank down, as a node failure
-    or `scancel` does."""
-    return subprocess.Popen(
-        cmd, cwd=PROJECT_ROOT, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
+def _logs(log_dir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(log_dir.glob("rank*.log")))
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    proc = _start(cmd, log)
-    try:
-        rc = proc.wait(timeout=TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert rc == 0, f"{' '.join(cmd)}\nexit {rc}\n{log.read_text()[-6000:]}"
+def _run(argv: list[str], devices: int, log_dir: Path) -> None:
+    codes = forked.wait_all(_start(argv, devices, log_dir), TIMEOUT_S)
+    assert codes == [0] * devices, f"aiayn {' '.join(argv)}\nexit {codes}\n{_logs(log_dir)}"
 
 
-def _run_and_kill_after_checkpoint(cmd: list[str], checkpoint: Path, log: Path) -> None:
+def _run_and_kill_after_checkpoint(argv: list[str], devices: int, checkpoint: Path, log_dir: Path) -> None:
     """Start the run, SIGKILL all its processes as soon as `checkpoint` exists (renamed into place when complete)."""
-    proc = _start(cmd, log)
+    children = _start(argv, devices, log_dir)
     deadline = time.monotonic() + TIMEOUT_S
     try:
-        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not checkpoint.exists() and all(c.poll() is None for c in children) and time.monotonic() < deadline:
             time.sleep(0.005)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait()
-    assert checkpoint.exists(), f"no {checkpoint}: exit {rc}\n{log.read_text()[-6000:]}"
-    assert rc == -signal.SIGKILL, f"the run was not killed but ended by itself (exit {rc}):\n{log.read_text()[-3000:]}"
+        for c in children:
+            c.kill()
+    codes = [c.poll() for c in children]
+    assert checkpoint.exists(), f"no {checkpoint}: exit {codes}\n{_logs(log_dir)}"
+    killed = [-signal.SIGKILL] * devices
+    assert codes == killed, f"the run was not killed but ended by itself (exit {codes}):\n{_logs(log_dir)}"
 
 
 def _load(path: Path) -> dict:
@@ -161,9 +152,9 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
     devices: int, resume_data: list[str], tmp_path: Path
 ) -> None:
     straight, broken = tmp_path / "straight", tmp_path / "killed"
-    _run(_command(resume_data, devices, straight), tmp_path / "straight.log")
+    _run(_command(resume_data, devices, straight), devices, tmp_path / "straight-logs")
     _run_and_kill_after_checkpoint(
-        _command(resume_data, devices, broken), broken / "checkpoints" / "last.ckpt", tmp_path / "killed.log"
+        _command(resume_data, devices, broken), devices, broken / "checkpoints" / "last.ckpt", tmp_path / "killed-logs"
     )
     at_kill = _load(broken / "checkpoints" / "last.ckpt")
     assert at_kill["global_step"] == N, "killed after the step-2N checkpoint: nothing left to resume"
@@ -174,14 +165,14 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
     )
     assert len(at_kill["callbacks"]["RNGState"]["ranks"]) == devices
 
-    _run(_command(resume_data, devices, broken, "run.resume=last"), tmp_path / "resumed.log")
+    _run(_command(resume_data, devices, broken, "run.resume=last"), devices, tmp_path / "resumed-logs")
 
     expected, resumed = _load(straight / "checkpoints" / "last.ckpt"), _load(broken / "checkpoints" / "last.ckpt")
     assert expected["global_step"] == resumed["global_step"] == 2 * N
     assert expected["epoch"] == resumed["epoch"] > at_kill["epoch"]  # steps N+1..2N crossed an epoch boundary
     _assert_equal(_training_state(expected), _training_state(resumed), "step 2N")
-    weights = expected["state_dict"]
-    assert not torch.equal(weights["model.embedding.weight"], at_kill["state_dict"]["model.embedding.weight"])
+    embedding = "model.encoder.embedding.weight"  # steps N+1..2N trained: not the step-N weights
+    assert not torch.equal(expected["state_dict"][embedding], at_kill["state_dict"][embedding])
     rank_states = expected["callbacks"]["RNGState"]["ranks"]
     if devices == 2:  # the ranks drew different dropout masks: one shared state would not have done
         assert not torch.equal(rank_states[0]["torch"], rank_states[1]["torch"])
