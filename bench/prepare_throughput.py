@@ -2,19 +2,25 @@
 
     .venv/bin/python bench/prepare_throughput.py [--sizes 100000 1000000 4500000] [--fairseq-venv DIR]
 
-Writes bench/prepare_throughput.json. For each size, in one run on one machine:
-  ours      `prepare_dataset` (what `aiayn prepare` calls): read the text into Arrow, clean, train the joint BPE
-            model on a bounded sample, encode on all cores and write the shards + manifest.
-  fairseq   its preprocessing of the same corpus: `fairseq-preprocess --joined-dictionary --workers <cores>` on text
-            that was BPE-encoded beforehand with our sentencepiece model (that encoding is timed separately as
-            `spm_encode_s` and not charged to fairseq's pairs/s, so the comparison is generous to fairseq).
-Each measurement runs in its own process: pairs/s is over the work itself (after imports), peak RSS is that
-process's maximum resident memory (os.wait4). The batch sampler's cost is measured on the 4.5M-pair lengths.
+Writes bench/prepare_throughput.json (merged by size). For each size, in one run on one machine:
+  ours      `prepare_dataset` (what `aiayn prepare` calls), timed over ALL its work: read the text into Arrow, clean,
+            train the joint BPE model on a bounded sample, clean + encode every split in shards on a process pool
+            (data.num_prepare_workers: one per core), write the shards + manifest. The stages are timed too.
+  fairseq   `fairseq-preprocess --joined-dictionary --workers <cores>` on the same pairs, given as text that was
+            already SentencePiece-encoded with our model (as fairseq is used with a SentencePiece vocabulary): its
+            timing covers building the dictionary and binarizing. The encoding itself is timed separately
+            (`spm_encode_s`, sentencepiece on all cores) and only counted in `pairs_per_s_with_spm_encode`; BPE
+            training is not charged to fairseq at all, so the headline ratio is generous to fairseq.
+Each measurement runs in its own process tree: pairs/s is over the work itself (after imports); memory is sampled
+every 0.2 s over the whole tree (the preparing process, the pool's forkserver and its workers, fairseq's workers):
+the peak of the summed RSS, of the summed PSS (shared pages counted once) and of the summed anonymous memory
+(what the programs allocate, without the page cache of memory-mapped files). The batch sampler's cost is measured
+on the largest size's lengths. The load of the shared machine (os.getloadavg) is recorded beside every number.
 
 The corpus is the real text of the corpora folder (Multi30k train + the WMT news sets, 55.7k pairs) repeated;
 repeat r rotates every sentence's words by r places, so the pairs differ while the word statistics stay real.
-All sizes use the same BPE sample (--spm-sample-lines, at most the smallest corpus's line count), so any growth
-in peak memory with corpus size would come from the streaming stages, which must stay flat.
+All sizes use the same BPE sample (--spm-sample-lines), so any growth in peak memory with corpus size would come
+from the streaming stages, which must stay flat.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import gzip
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from itertools import islice
 from pathlib import Path
@@ -69,22 +77,96 @@ def make_corpus(n: int, folder: Path) -> tuple[Path, Path]:
     return en, de
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[dict, float, float]:
-    """Run a child that prints one JSON line last; returns (that JSON, wall seconds, peak RSS in MiB)."""
-    start = time.perf_counter()
+class TreeMemory:
+    """Samples the memory of a process and all its descendants every `interval` s; keeps the peaks (MiB)."""
+
+    FIELDS = {"Rss:": "rss", "Pss:": "pss", "Anonymous:": "anon"}
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.pid, self.interval = pid, interval
+        self.peak = {"rss": 0.0, "pss": 0.0, "anon": 0.0}
+        self.max_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _tree(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+        tree, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += children.get(pid, [])
+        return tree
+
+    def sample(self) -> None:
+        total = dict.fromkeys(self.peak, 0.0)
+        tree = self._tree()
+        for pid in tree:
+            try:
+                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                key, *rest = line.split()
+                if key in self.FIELDS:
+                    total[self.FIELDS[key]] += int(rest[0]) / 1024  # kB -> MiB
+        for key, value in total.items():
+            self.peak[key] = max(self.peak[key], value)
+        self.max_processes = max(self.max_processes, len(tree))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def load() -> list[float]:
+    """The machine's 1/5/15-minute load averages (it is shared: numbers measured under load are slower)."""
+    return [round(x, 1) for x in os.getloadavg()]
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[dict, float, dict]:
+    """Run a child that prints one JSON line last; returns (that JSON, wall seconds, memory of its process tree)."""
+    start, load_before = time.perf_counter(), load()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, cwd=ROOT, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    with TreeMemory(proc.pid) as memory:
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with status {status}")
-    return json.loads(out.strip().splitlines()[-1]), wall, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+    mem = {
+        "peak_tree_rss_mib": round(memory.peak["rss"]),
+        "peak_tree_pss_mib": round(memory.peak["pss"]),
+        "peak_tree_anon_mib": round(memory.peak["anon"]),
+        "peak_rss_main_process_mib": round(usage.ru_maxrss / 1024),  # ru_maxrss is KiB on Linux
+        "processes": memory.max_processes,
+        "load_avg_1_5_15_before": load_before,
+        "load_avg_1_5_15_after": load(),
+    }
+    return json.loads(out.strip().splitlines()[-1]), wall, mem
 
 
 # -- children ----------------------------------------------------------------------------------------------
 def child_ours(en: str, de: str, out: str, vocab: int, sample: int) -> None:
     sys.path.insert(0, str(ROOT))
-    from data.prepare import prepare_dataset
+    import data.prepare
     from pipeline.config import load_config
 
     overrides = [
@@ -96,11 +178,36 @@ def child_ours(en: str, de: str, out: str, vocab: int, sample: int) -> None:
         "data.clean.dedup=false",  # the repeats are distinct pairs anyway; dedup's set is the one O(n) structure
     ]
     cfg = load_config(overrides)
+    stages: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    data.prepare._train_bpe = timed("bpe_s", data.prepare._train_bpe)
+    data.prepare._encode_split = timed("encode_s", data.prepare._encode_split)
     start = time.perf_counter()
-    dataset_dir = prepare_dataset(cfg.data, out)
+    dataset_dir = data.prepare.prepare_dataset(cfg.data, out)
     seconds = time.perf_counter() - start
+    stages["read_and_check_s"] = seconds - stages["bpe_s"] - stages["encode_s"]
     manifest = json.loads((dataset_dir / "manifest.json").read_text())
-    print(json.dumps({"seconds": seconds, "dataset": str(dataset_dir), "train_pairs": manifest["splits"]["train"]}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "stages": stages,
+                "workers": cfg.data.get("num_prepare_workers") or os.cpu_count(),
+                "dataset": str(dataset_dir),
+                "train_pairs": manifest["splits"]["train"],
+            }
+        )
+    )
 
 
 def child_spm_encode(model: str, folder: str) -> None:
@@ -132,18 +239,24 @@ def child_fairseq(argv: list[str]) -> None:
 def bench_size(n: int, args, env: dict) -> dict:
     work = Path(args.work)
     en, de = make_corpus(n, work / f"corpus-{n}")
+    out = work / f"ours-{n}"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: its text is read into Arrow, BPE trained, all encoded
     me = [sys.executable, __file__]
-    ours, wall, rss = run_measured(
-        [*me, "--child-ours", str(en), str(de), str(work / f"ours-{n}"), str(args.vocab), str(args.spm_sample_lines)],
-        env,
+    ours, wall, mem = run_measured(
+        [*me, "--child-ours", str(en), str(de), str(out), str(args.vocab), str(args.spm_sample_lines)], env
     )
     train = ours["train_pairs"]
     result = {
         "pairs": n,
         "ours": {
+            "covers": "aiayn prepare: read text into Arrow + check, BPE training on the sample, clean + encode "
+            "+ write shards of train/valid/test, manifest",
             "seconds": round(ours["seconds"], 1),
             "pairs_per_s": round(n / ours["seconds"]),
-            "peak_rss_mib": round(rss),
+            "stages_s": {k: round(v, 1) for k, v in ours["stages"].items()},
+            "encode_pairs_per_s": round(n / ours["stages"]["encode_s"]),
+            "workers": ours["workers"],
+            **mem,
             "process_wall_s": round(wall, 1),
             "kept_pairs": train["pairs"],
             "shards": len(train["shards"]),
@@ -153,8 +266,12 @@ def bench_size(n: int, args, env: dict) -> dict:
     print(f"{n:>9,} pairs  ours: {result['ours']}", flush=True)
     if args.fairseq_venv:
         result["fairseq"] = bench_fairseq(n, en, de, Path(ours["dataset"]), work, args)
-        result["ratio_pairs_per_s"] = round(result["ours"]["pairs_per_s"] / result["fairseq"]["pairs_per_s"], 1)
-        print(f"{n:>9,} pairs  fairseq: {result['fairseq']}  ours/fairseq {result['ratio_pairs_per_s']}×", flush=True)
+        fair = result["fairseq"]
+        result["ratio_pairs_per_s"] = round(result["ours"]["pairs_per_s"] / fair["pairs_per_s"], 2)
+        result["ratio_pairs_per_s_vs_fairseq_with_spm_encode"] = round(
+            result["ours"]["pairs_per_s"] / fair["pairs_per_s_with_spm_encode"], 2
+        )
+        print(f"{n:>9,} pairs  fairseq: {fair}  ours/fairseq {result['ratio_pairs_per_s']}x", flush=True)
     return result
 
 
@@ -172,42 +289,48 @@ def bench_fairseq(n: int, en: Path, de: Path, dataset_dir: Path, work: Path, arg
                 (text / f"{split}.{lang}").write_text(f.read())
     encoded, _, _ = run_measured([python, __file__, "--child-spm-encode", str(dataset_dir / "spm.model"), str(text)])
     dest = work / f"fairseq-bin-{n}"
+    shutil.rmtree(dest, ignore_errors=True)
     argv = ["--source-lang", "en", "--target-lang", "de", "--joined-dictionary", "--destdir", str(dest)]
     argv += ["--workers", str(os.cpu_count())]
     argv += [f"--{split}pref={text}/bpe.{split}" for split in ("train", "valid", "test")]
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
-    out, wall, rss = run_measured([python, __file__, "--child-fairseq", *argv], env)
+    out, wall, mem = run_measured([python, __file__, "--child-fairseq", *argv], env)
     return {
+        "covers": "fairseq-preprocess on SentencePiece-encoded text (train/valid/test): joined dictionary + "
+        "binarize, --workers = cores; spm_encode_s (encoding the text with our model) is not in pairs_per_s",
         "seconds": round(out["seconds"], 1),
         "pairs_per_s": round(n / out["seconds"]),
-        "peak_rss_mib": round(rss),
-        "process_wall_s": round(wall, 1),
         "spm_encode_s": round(encoded["seconds"], 1),
+        "pairs_per_s_with_spm_encode": round(n / (out["seconds"] + encoded["seconds"])),
+        **mem,
+        "process_wall_s": round(wall, 1),
     }
 
 
-def bench_sampler(n: int, max_tokens: int = 4096) -> dict:
-    """TokenBatchSampler on n pairs with real length statistics: epoch plan time and cost per batch served."""
-    import numpy as np
-
+def bench_sampler(dataset_dir: Path, max_tokens: int = 4096, world_size: int = 8) -> dict:
+    """TokenBatchSampler over a prepared training split's real lengths: epoch plan time and cost per batch served."""
     sys.path.insert(0, str(ROOT))
     from data.batching import TokenBatchSampler
+    from data.shards import ShardedPairs
 
-    rng = np.random.default_rng(0)
-    src = rng.lognormal(3.2, 0.6, n).clip(1, 256).astype(np.int32)  # ~WMT's BPE lengths: median ~25 tokens
-    tgt = (src * rng.normal(1.1, 0.15, n)).clip(1, 256).astype(np.int32)
-    sampler = TokenBatchSampler(src, tgt, max_tokens=max_tokens, seed=1, rank=0, world_size=8)
+    train = ShardedPairs(dataset_dir, "train", verify=False)
+    sampler = TokenBatchSampler(
+        train.src_lengths, train.tgt_lengths, max_tokens=max_tokens, seed=1, rank=0, world_size=world_size
+    )
+    load_before = load()
     start = time.perf_counter()
     sampler.set_epoch(0)
     batches = list(sampler)
     epoch_s = time.perf_counter() - start
     return {
-        "pairs": n,
+        "pairs": len(train),
         "max_tokens": max_tokens,
-        "world_size": 8,
+        "world_size": world_size,
         "batches_per_rank": len(batches),
         "epoch_plan_s": round(epoch_s, 2),
         "overhead_per_step_us": round(epoch_s / len(batches) * 1e6, 1),
+        "covers": "set_epoch (shuffle, length-sorted chunks, split across ranks) + iterating one rank's batches",
+        "load_avg_1_5_15_before": load_before,
     }
 
 
@@ -245,7 +368,9 @@ def main() -> None:
     for n in args.sizes:
         results.setdefault("sizes", {})[str(n)] = {**bench_size(n, args, env), "run": run}
         out.write_text(json.dumps(results, indent=2) + "\n")
-    results["sampler"] = {**bench_sampler(max(args.sizes)), "run": run}
+    largest = max(args.sizes)
+    dataset_dir = next((Path(args.work) / f"ours-{largest}" / "data").iterdir())
+    results["sampler"] = {**bench_sampler(dataset_dir), "run": run}
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["sampler"]))
     print(f"wrote {out}")

@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from data.errors import BadLineError, CorpusFileNotFoundError
@@ -69,10 +71,34 @@ class ParallelCorpus:
     def batches_at(
         self, indices: Sequence[int], batch_size: int = 10_000
     ) -> Iterator[tuple[list[str], list[str], list[str | None]]]:
-        """Like `batches`, for the pairs at `indices` (e.g. a sorted random sample), in that order."""
+        """Like `batches`, for the pairs at `indices` (ascending, e.g. a sorted random sample), in that order.
+
+        Reads each Arrow record batch (~50k rows) with one `take` of the sampled rows it holds: a 100k-pair
+        sample of 4.5M rows takes seconds. (`Dataset.__getitem__` with a list of indices builds a one-row slice
+        per index and took over 40 minutes for the same sample.)
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (np.any(np.diff(indices) < 0) or indices[0] < 0 or indices[-1] >= len(self)):
+            raise ValueError(f"batches_at needs ascending indices in [0, {len(self)}) of split {self.split!r}")
+        if self.data._indices is not None:  # a selected/shuffled view: rows are not in file order
+            raise ValueError(f"split {self.split!r} is a view with an indices mapping; flatten_indices() it first")
+        chunks = self.data.data.table.to_batches()  # zero-copy record batches of the memory-mapped table
+        starts = np.cumsum([0] + [c.num_rows for c in chunks])  # (n_chunks + 1,)
         for i in range(0, len(indices), batch_size):
-            batch = self.data[list(indices[i : i + batch_size])]
-            yield batch["src"], batch["tgt"], batch["issue"]
+            wanted = indices[i : i + batch_size]
+            chunk_of = np.searchsorted(starts, wanted, side="right") - 1  # (batch,) which record batch holds each
+            taken = [chunks[c].take(pa.array(wanted[chunk_of == c] - starts[c])) for c in np.unique(chunk_of)]
+            table = pa.Table.from_batches(taken, schema=chunks[0].schema)
+            yield table.column("src").to_pylist(), table.column("tgt").to_pylist(), table.column("issue").to_pylist()
+
+    def arrow_files(self) -> list[str]:
+        """The memory-mapped Arrow files holding this split's rows, in row order (read by data/encode.py workers)."""
+        files = [entry["filename"] for entry in self.data.cache_files]
+        if self.data._indices is not None or not files:
+            raise ValueError(
+                f"split {self.split!r} is not a plain memory-mapped Arrow table; set data.num_prepare_workers=1"
+            )
+        return files
 
     def head(self, n: int) -> list[tuple[str, str]]:
         """The first n (source, target) pairs, e.g. to show sample translations of validation sentences."""

@@ -11,6 +11,9 @@ name/config/split/revision; the vocabulary size, max_len, the cleaning steps, ..
 same folder name on its own, a changed setting gets a new folder beside the old one, and preparing twice with the
 same inputs does nothing the second time.
 
+Shards are encoded in parallel, one per worker process (data/pool.py, data/encode.py; data.num_prepare_workers),
+and collected in shard order, so the folder is byte for byte the same whatever the number of workers.
+
 A run that is killed resumes where it stopped: spm.model and every shard appear only when whole (written under a
 temporary name, then renamed; a shard's record last), so the next run with the same config reuses them and
 encodes only the shards still missing.
@@ -22,8 +25,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +40,21 @@ from tqdm.auto import tqdm
 
 from data.clean import Cleaner, resolve_clean_config
 from data.corpus import ParallelCorpus
+from data.dedup import Deduplicator
+from data.encode import ENCODE_BATCH, ShardJob
 from data.manifest import FORMAT_VERSION, MANIFEST_NAME, file_sha256, is_complete, write_json_atomic
-from data.shards import finished_shard, token_dtype, write_shard
+from data.pool import ShardPool, resolve_workers
+from data.shards import finished_shard, load_shard, remove_shard, token_dtype, write_shard
 from data.sources import READER_VERSION, Source, describe, parse_split
 from data.tokenizer import Tokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("name", "splits", "vocab_size", "spm_sample_lines", "max_len", "max_tokens", "shard_lines")
-# The keys that change what ends up in the folder. max_tokens and num_workers only change batching.
+# The keys that change what ends up in the folder. max_tokens and num_workers only change batching,
+# num_prepare_workers only how fast the folder is written (its content is the same for any number).
 CONTENT_KEYS = ("src_lang", "tgt_lang", "vocab_size", "spm_sample_lines", "max_len", "shard_lines")
-# Sentences per sentencepiece.encode call (~0.1 s of work on 2 threads). Each call encodes its batch on all cores
-# (num_threads=os.cpu_count(), C++ threads outside the GIL): that is the parallel encoding, with one batch of text
-# and ids in memory at a time, so memory stays flat however large the corpus is.
-ENCODE_BATCH = 10_000
+PENDING = ".pending"  # candidate shards awaiting de-duplication (data/dedup.py), under the dataset folder
 CLEAN_COUNTS = ("changed", "removed")
 SPM_SEED = 1
 
@@ -132,10 +138,12 @@ def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) 
         else:
             model_path = _train_bpe(corpora["train"], dataset_dir, cfg, clean)
         tokenizer = Tokenizer(model_path)
-        splits = {
-            split: _encode_split(corpus, split, tokenizer, dataset_dir, cfg, Cleaner(clean, filters=split == "train"))
-            for split, corpus in corpora.items()
-        }
+        with ShardPool(resolve_workers(cfg.get("num_prepare_workers"))) as pool:
+            splits = {
+                split: _encode_split(corpus, split, tokenizer, dataset_dir, cfg, clean, pool)
+                for split, corpus in corpora.items()
+            }
+        shutil.rmtree(dataset_dir / PENDING, ignore_errors=True)
 
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -195,30 +203,71 @@ def _train_bpe(train: ParallelCorpus, dataset_dir: Path, cfg: dict[str, Any], cl
 
 
 def _encode_split(
-    corpus: ParallelCorpus, split: str, tokenizer: Tokenizer, dataset_dir: Path, cfg: dict[str, Any], cleaner: Cleaner
+    corpus: ParallelCorpus,
+    split: str,
+    tokenizer: Tokenizer,
+    dataset_dir: Path,
+    cfg: dict[str, Any],
+    clean: dict[str, Any],
+    pool: ShardPool,
 ) -> dict[str, Any]:
-    """Clean and encode one split, shard by shard; shards an interrupted run finished are kept, not redone.
+    """Clean and encode one split, shard by shard on the pool; shards an interrupted run finished are kept.
 
-    Training pairs with a side longer than max_len tokens, or an empty side, are dropped (they would blow up a
-    batch's padding or teach nothing); valid/test keep every line so that pair i is still line i of the
-    reference file.
+    Shard k holds what cleaning kept of input lines [k * shard_lines, (k + 1) * shard_lines). With
+    de-duplication on (train only), workers write candidate shards under .pending/ and this process turns them
+    into the final shards in shard order (data/dedup.py).
     """
-    shard_lines, dtype = cfg["shard_lines"], token_dtype(tokenizer.vocab_size)
+    filters = split == "train"
+    dedup = Deduplicator() if filters and clean["dedup"] else None
+    pending = dataset_dir / PENDING
+    template = {
+        "arrow_files": tuple(str(Path(f).resolve()) for f in corpus.arrow_files()),  # workers may run elsewhere
+        "rows": len(corpus),
+        "split": split,
+        "spm_model": str(tokenizer.model_path.resolve()),
+        "spm_sha256": tokenizer.sha256,
+        "clean": clean,
+        "filters": filters,
+        "max_len": cfg["max_len"],
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "candidate": dedup is not None,
+        "num_threads": 1,  # set below, once we know whether the jobs run in parallel
+        "out_dir": str((pending if dedup else dataset_dir).resolve()),
+    }
+
+    def current(record: dict | None, start: int, stop: int) -> bool:
+        return record is not None and (record["lines"], record["spm_sha256"]) == ([start, stop], tokenizer.sha256)
+
+    # Per shard, in order: ("final", record) if a previous run finished it, ("candidate", record) if its
+    # candidate awaits de-duplication, else a job for the pool (which comes back as its record).
+    items: list[tuple[str, dict] | ShardJob] = []
+    for index, start in enumerate(range(0, len(corpus), cfg["shard_lines"])):
+        stop = min(start + cfg["shard_lines"], len(corpus))
+        record = finished_shard(dataset_dir, split, index)
+        if current(record, start, stop) and (not dedup or "keys" in record["files"]):  # keys: data/dedup.py
+            log.info("resuming: %s/%s is complete", split, record["name"])
+            items.append(("final", record))
+        elif dedup and current(record := finished_shard(pending, split, index), start, stop):
+            items.append(("candidate", record))
+        else:
+            items.append(ShardJob(index=index, start=start, stop=stop, **template))
+
+    n_jobs = sum(isinstance(item, ShardJob) for item in items)
+    threads = pool.threads_per_job(n_jobs)
+    items = [replace(item, num_threads=threads) if isinstance(item, ShardJob) else item for item in items]
     shards = []
     with tqdm(total=len(corpus), desc=f"encoding {split}", unit="pairs") as bar:
-        for index, start in enumerate(range(0, len(corpus), shard_lines)):
-            stop = min(start + shard_lines, len(corpus))
-            record = finished_shard(dataset_dir, split, index)
-            if record is not None and (record["lines"], record["spm_sha256"]) == ([start, stop], tokenizer.sha256):
-                if cleaner.cfg["dedup"]:  # replay the kept pairs into the dedup memory, without encoding
-                    for src, tgt, issues in corpus.batches(ENCODE_BATCH, start, stop):
-                        cleaner(src, tgt, issues)
-                    cleaner.take_report()
-                log.info("resuming: %s/%s is complete", split, record["name"])
-            else:
-                record = _encode_shard(corpus, split, index, start, stop, tokenizer, dataset_dir, cfg, cleaner, dtype)
+        for item in pool.run(items, n_jobs):
+            kind, record = item if isinstance(item, tuple) else ("candidate" if dedup else "final", item)
+            if dedup and kind == "final":
+                dedup.replay(load_shard(dataset_dir, record)["keys"])
+            elif dedup:
+                src, tgt, keys, info = dedup.filter(load_shard(pending, record), record)
+                final = write_shard(dataset_dir, split, record_index(record), src, tgt, extra={"keys": keys}, **info)
+                remove_shard(pending, record)
+                record = final
             shards.append(record)
-            bar.update(stop - start)
+            bar.update(record["lines"][1] - record["lines"][0])
 
     report = {group: dict(sum((Counter(r["clean"][group]) for r in shards), Counter())) for group in CLEAN_COUNTS}
     too_long, empty = sum(r["dropped_too_long"] for r in shards), sum(r["dropped_empty"] for r in shards)
@@ -245,44 +294,6 @@ def _encode_split(
     }
 
 
-def _encode_shard(
-    corpus: ParallelCorpus,
-    split: str,
-    index: int,
-    start: int,
-    stop: int,
-    tokenizer: Tokenizer,
-    dataset_dir: Path,
-    cfg: dict[str, Any],
-    cleaner: Cleaner,
-    dtype: np.dtype,
-) -> dict[str, Any]:
-    """Input lines [start, stop) -> one shard on disk; returns its record (data/shards.py)."""
-    max_len, drop_long = cfg["max_len"], cleaner.filters
-    too_long = empty = 0
-    src_ids: list[list[int]] = []
-    tgt_ids: list[list[int]] = []
-    for raw_src, raw_tgt, issues in corpus.batches(ENCODE_BATCH, start, stop):
-        src_text, tgt_text = cleaner(raw_src, raw_tgt, issues)
-        src_batch, tgt_batch = tokenizer.encode(src_text), tokenizer.encode(tgt_text)
-        for s, t in zip(src_batch, tgt_batch, strict=True):
-            if drop_long and (not s or not t):
-                empty += 1
-            elif drop_long and (len(s) > max_len or len(t) > max_len):
-                too_long += 1
-            else:
-                src_ids.append(s)
-                tgt_ids.append(t)
-    return write_shard(
-        dataset_dir,
-        split,
-        index,
-        src_ids,
-        tgt_ids,
-        dtype,
-        lines=[start, stop],
-        spm_sha256=tokenizer.sha256,
-        clean=cleaner.take_report(),
-        dropped_too_long=too_long,
-        dropped_empty=empty,
-    )
+def record_index(record: dict[str, Any]) -> int:
+    """shard-00012 -> 12."""
+    return int(record["name"].rsplit("-", 1)[1])

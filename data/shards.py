@@ -9,6 +9,8 @@ One shard of N pairs is three .npy files:
     shard-00000.tgt.npy   (total target tokens,)   same dtype
     shard-00000.idx.npy   (N + 1, 2) int64         offsets: pair i is src[idx[i,0]:idx[i+1,0]], tgt[idx[i,1]:idx[i+1,1]]
 plus shard-00000.json, its record (pairs, tokens, sha256 per file, which input lines it holds), written last.
+With de-duplication on (data.clean.dedup), shard-00000.keys.npy holds the hashes the shard added to the
+de-duplication memory, so a resumed prepare restores that memory without reading the text again (data/dedup.py).
 
 Shard k holds what cleaning kept of input lines [k * shard_lines, (k + 1) * shard_lines): a shard is a unit of
 work that does not depend on the ones before it, so an interrupted preparation resumes at the first missing shard.
@@ -45,7 +47,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> str:
     return file_sha256(path)
 
 
-def _flatten(seqs: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def flatten(seqs: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """[[5, 6], [7]] -> (flat ids [5, 6, 7], lengths [2, 1]) without a Python loop per token."""
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=int(lengths.sum()))
@@ -57,29 +59,48 @@ def shard_name(index: int) -> str:
 
 
 def write_shard(
-    dataset_dir: Path, split: str, index: int, src_ids: list, tgt_ids: list, dtype: np.dtype, **info
+    dataset_dir: Path,
+    split: str,
+    index: int,
+    src: tuple[np.ndarray, np.ndarray],
+    tgt: tuple[np.ndarray, np.ndarray],
+    extra: dict[str, np.ndarray] | None = None,
+    **info,
 ) -> dict:
-    """Write one shard's three arrays, then its record `<split>/shard-NNNNN.json`, each atomically; return the record.
+    """Write one shard's arrays, then its record `<split>/shard-NNNNN.json`, each atomically; return the record.
 
-    The record goes last: it is the proof that the shard is whole. A run killed at any moment leaves either no
-    record (the shard is encoded again) or a complete shard whose sha256s are in the record (it is kept).
-    `info` (input line range, cleaning counts, ...) is stored in the record for the manifest.
+    src, tgt: (flat token ids, length of each pair), as `flatten` returns them. `extra` arrays (e.g. the
+    de-duplication keys of data/dedup.py) are written beside the shard as `shard-NNNNN.<name>.npy` and
+    checksummed like the others. The record goes last: it is the proof that the shard is whole. A run killed
+    at any moment leaves either no record (the shard is encoded again) or a complete shard whose sha256s are
+    in the record (it is kept). `info` (input line range, cleaning counts, ...) is stored in the record.
     """
-    src, src_len = _flatten(src_ids, dtype)
-    tgt, tgt_len = _flatten(tgt_ids, dtype)
-    offsets = np.zeros((len(src_ids) + 1, 2), dtype=np.int64)  # (N + 1, 2)
+    (src, src_len), (tgt, tgt_len) = src, tgt
+    offsets = np.zeros((len(src_len) + 1, 2), dtype=np.int64)  # (N + 1, 2)
     offsets[1:, 0] = np.cumsum(src_len)
     offsets[1:, 1] = np.cumsum(tgt_len)
     name = shard_name(index)
     (Path(dataset_dir) / split).mkdir(parents=True, exist_ok=True)
     files = {}
-    for kind, array in (("src", src), ("tgt", tgt), ("idx", offsets)):
+    for kind, array in (("src", src), ("tgt", tgt), ("idx", offsets), *(extra or {}).items()):
         rel = f"{split}/{name}.{kind}.npy"
         files[kind] = {"file": rel, "sha256": _save_atomic(Path(dataset_dir) / rel, array)}
-    record = {"name": name, "pairs": len(src_ids), "src_tokens": int(len(src)), "tgt_tokens": int(len(tgt))}
+    record = {"name": name, "pairs": len(src_len), "src_tokens": int(len(src)), "tgt_tokens": int(len(tgt))}
     record.update(files=files, **info)
     write_json_atomic(Path(dataset_dir) / split / f"{name}.json", record)
     return record
+
+
+def load_shard(dataset_dir: Path, record: dict) -> dict[str, np.ndarray]:
+    """Every array of a shard written by `write_shard`, by kind (src, tgt, idx and any extras), memory-mapped."""
+    return {kind: np.load(Path(dataset_dir) / e["file"], mmap_mode="r") for kind, e in record["files"].items()}
+
+
+def remove_shard(dataset_dir: Path, record: dict) -> None:
+    """Delete a shard's record (first: the shard stops counting as finished), then its arrays."""
+    (Path(dataset_dir) / Path(record["files"]["src"]["file"]).parent / f"{record['name']}.json").unlink()
+    for entry in record["files"].values():
+        (Path(dataset_dir) / entry["file"]).unlink(missing_ok=True)
 
 
 def finished_shard(dataset_dir: Path, split: str, index: int) -> dict | None:

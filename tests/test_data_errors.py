@@ -57,6 +57,7 @@ def data_cfg(corpora_dir: Path, splits: dict | None = None, **clean) -> dict:
         "max_tokens": 512,
         "shard_lines": 64,
         "num_workers": 0,
+        "num_prepare_workers": 1,  # in this process: a pool's start-up costs more than these few shards
     }
 
 

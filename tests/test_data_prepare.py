@@ -73,6 +73,7 @@ def data_cfg(corpora_dir: Path, **overrides):
         "max_tokens": 512,
         "shard_lines": 64,  # several shards, so indexing across shard boundaries is exercised
         "num_workers": 0,
+        "num_prepare_workers": 1,  # in this process: a pool's start-up costs more than these few shards
     }
     cfg.update(overrides)
     return OmegaConf.create(cfg)
@@ -390,3 +391,60 @@ def test_killed_prepare_resumes_from_the_finished_shards(tmp_path, raw, monkeypa
         [192, 256],
         [256, 320],
     ]
+
+
+# -- parallel encoding ---------------------------------------------------------------------------------------
+def test_two_workers_write_the_same_shards_as_one_and_resume(tmp_path, raw):
+    # 283 training lines, 5 shards of 64: lines 240-282 repeat earlier pairs, from other shards (20-59, 5 twice),
+    # from the same shard (200), and a pair that is too long: de-duplication must see across workers' shards.
+    en, de = raw["train.en"][:240], raw["train.de"][:240]
+    longest = max(range(240), key=lambda i: len(en[i]) + len(de[i]))
+    again = [200, *range(20, 60), longest, 5, 5]
+    corpora = tmp_path / "corpora"
+    write_text(corpora / "tiny" / "train.en.gz", en + [en[i] for i in again])
+    write_text(corpora / "tiny" / "train.de.gz", de + [de[i] for i in again])
+    for name in ("val.en", "val.de", "test.en", "test.de"):
+        write_text(corpora / "tiny" / name, raw[name])
+    with pytest.raises(KeyError, match="data.num_prepare_workers=0"):
+        prepare_dataset(data_cfg(corpora, num_prepare_workers=0), tmp_path / "bad")
+
+    # Both runs prepare the same folder (moved away in between): spm.model's bytes include the path it was
+    # trained under, so the whole folders can then be compared byte for byte.
+    one = prepare_dataset(data_cfg(corpora, clean={"dedup": True}), tmp_path / "out")
+    one = one.rename(tmp_path / "one")
+    cfg = data_cfg(corpora, clean={"dedup": True}, num_prepare_workers=2)
+    two = prepare_dataset(cfg, tmp_path / "out")  # the number of workers is not part of the folder's identity
+    assert two.name == one.name
+
+    # the reference, without our code: the first copy of each pair is kept unless a side is over MAX_LEN tokens
+    tok = Tokenizer(one / "spm.model")
+    pairs = list(zip(en + [en[i] for i in again], de + [de[i] for i in again], strict=True))
+    first = list(dict.fromkeys(pairs))
+    ids = list(zip(tok.encode(p[0] for p in first), tok.encode(p[1] for p in first), strict=True))
+    expected = [(s, t) for s, t in ids if len(s) <= MAX_LEN and len(t) <= MAX_LEN]
+    assert len(pairs) - len(first) == len(again)  # every repeat is a duplicate
+    assert any(len(s) > MAX_LEN or len(t) > MAX_LEN for s, t in ids)
+
+    def sha(dataset_dir: Path) -> dict[str, str]:
+        files = sorted(p for p in dataset_dir.rglob("*") if p.suffix in (".npy", ".model", ".vocab"))
+        return {str(p.relative_to(dataset_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+    manifests = [read_manifest(d) for d in (one, two)]
+    for dataset_dir, manifest in zip((one, two), manifests, strict=True):
+        train = ShardedPairs(dataset_dir, "train")
+        assert [(train[i][0].tolist(), train[i][1].tolist()) for i in range(len(train))] == expected
+        split = manifest["splits"]["train"]
+        assert split["clean"]["removed"] == {"dedup": len(again)}
+        assert split["dropped_too_long"] == len(first) - len(expected)
+        assert not (dataset_dir / ".pending").exists()  # candidate shards are gone
+    assert sha(one) == sha(two) and len(sha(one)) == 5 * 4 + 2 * 3 + 2  # train shards carry their dedup keys
+    assert manifests[0]["splits"] == manifests[1]["splits"]  # pair and token counts, cleaning counts, sha256s
+
+    # a kill of the 2-worker run left shards 2 and 4 unfinished (no record): the next run redoes only those,
+    # with the de-duplication memory of shards 0, 1 and 3 restored from their keys
+    for name in ("manifest.json", "train/shard-00002.json", "train/shard-00004.json"):
+        (two / name).unlink()
+    kept = (two / "train" / "shard-00003.json").stat().st_mtime_ns
+    assert prepare_dataset(cfg, tmp_path / "two") == two
+    assert (two / "train" / "shard-00003.json").stat().st_mtime_ns == kept
+    assert read_manifest(two)["splits"] == manifests[1]["splits"] and sha(two) == sha(one)
