@@ -63,6 +63,12 @@ def job_overrides(overrides: list[str], run_dir: Path, resume: str | None) -> li
     return [*kept, f"run.dir={run_dir}"] + ([f"run.resume={resume}"] if resume is not None else [])
 
 
+# Variables of torchrun / Lightning launches: Lightning's SLURMEnvironment takes MASTER_PORT from the environment
+# if it is set, and would then try the submitting process's port.
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+LAUNCHER_VARIABLES += ("GROUP_RANK", "NODE_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def make_job(cfg: DictConfig, command: str, overrides: list[str], run_dir: Path, dependency: str | None = None) -> Job:
     """The job that runs `aiayn <command> <overrides>` for run folder `run_dir` (logs in <run_dir>/slurm/<job id>)."""
     resume = (cfg.run.resume or "auto") if command == "train" else None
@@ -88,7 +94,12 @@ def job_parameters(cfg: DictConfig, command: str, dependency: str | None = None)
         "ntasks_per_node": int(cluster.gpus_per_node) if train else 1,
         "cpus_per_task": int(cluster.cpus_per_task),
         "signal_delay_s": int(cluster.signal_delay_s),
-        "setup": [f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+        "setup": [
+            f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
+            # sbatch passes the submitting shell's environment on: a launcher's variables there (torchrun's, or the
+            # MASTER_PORT Lightning sets in a process that trained) would override the world SLURM describes.
+            f"unset {' '.join(LAUNCHER_VARIABLES)}",
+        ],
     }
     if on_gpu and command in ("train", "evaluate"):
         params["gpus_per_node"] = int(cluster.gpus_per_node) if train else 1

@@ -122,7 +122,7 @@ start_munge() {
 write_conf() {
     local host cpus avail mem
     host="$(hostname -s)"
-    cpus="$(nproc)"
+    cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"  # nproc obeys OMP_NUM_THREADS (tests set 1)
     avail="$(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo)"
     mem=$((avail * 9 / 10)) # a bit under what is free: slurmd drains a node that has less than RealMemory
     ((mem > 0)) || mem=1

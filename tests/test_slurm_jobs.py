@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -65,6 +66,20 @@ def _queued() -> list[str]:
     return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()
 
 
+# Pending reasons that never clear by themselves: the job asks for more than the cluster has (e.g. a node with
+# fewer CPUs than the tasks need), or a dependency failed. Waiting for GRAPH_TIMEOUT_S would only hide the cause.
+NEVER_STARTS = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit", "PartitionTimeLimit"}
+NEVER_STARTS |= {"DependencyNeverSatisfied"}
+
+
+def _check_startable(jobs: dict) -> None:
+    for stage, job in jobs.items():
+        info = _scontrol(job.job_id)
+        if info.get("JobState") == "PENDING" and info.get("Reason") in NEVER_STARTS:
+            nodes = subprocess.run(["scontrol", "-o", "show", "node"], capture_output=True, text=True).stdout
+            pytest.fail(f"{stage} job {job.job_id} can never start (Reason={info['Reason']}): {info}\nnodes: {nodes}")
+
+
 def _logs(job) -> str:
     folder = Path(str(job.paths.folder))
     return "\n".join(f"--- {p.name} ---\n{p.read_text()[-3000:]}" for p in sorted(folder.glob("*_log.*")))
@@ -85,21 +100,40 @@ def graph(tmp_path_factory, corpora_dir) -> Graph:
     tmp = tmp_path_factory.mktemp("slurm_graph")
     overrides = _overrides(tmp, corpora_dir)
     cfg = load_config(overrides)
-    report = run_graph(cfg, overrides)
+    # Submitted from a shell where a launcher's variables point at a busy port (as Lightning leaves MASTER_PORT in a
+    # process that trained): the jobs must take their world from SLURM, not from the submitting environment.
+    with socket.socket() as busy, pytest.MonkeyPatch.context() as mp:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        mp.setenv("MASTER_ADDR", "127.0.0.1")
+        mp.setenv("MASTER_PORT", str(busy.getsockname()[1]))
+        mp.setenv("RANK", "5")
+        report = run_graph(cfg, overrides)
+        return _wait_for_graph(cfg, overrides, report)
+
+
+def _wait_for_graph(cfg, overrides: list[str], report: list) -> Graph:
     jobs = {stage: job for stage, _, job in report}
     assert [s for s, _, _ in report] == [s.name for s in STAGES], report
     train = jobs["train"]
     # Preempt the training job once it has trained a few steps: SIGUSR1 to every task, as --signal=USR1@<s> does.
     checkpoints = graph_run_dir(cfg) / "checkpoints"
     deadline = time.monotonic() + GRAPH_TIMEOUT_S
+    polls = 0
     while not any(checkpoints.glob("step*.ckpt")):
         if time.monotonic() > deadline or train.job_id not in _queued():
             pytest.fail(f"training job {train.job_id} wrote no checkpoint\n{_logs(train)}")
+        polls += 1
+        if polls % 50 == 0:
+            _check_startable(jobs)
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", train.job_id], check=True, timeout=60)
     signalled_at = time.time()
     ids = {job.job_id for job in jobs.values()}
     while ids & set(_queued()):
+        polls += 1
+        if polls % 10 == 0:
+            _check_startable(jobs)
         if time.monotonic() > deadline:
             pytest.fail(f"jobs {ids & set(_queued())} still queued after {GRAPH_TIMEOUT_S}s\n{_logs(train)}")
         time.sleep(1)
