@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # 70 greedy decoding steps from 8 s to 360 s (measured under load while other processes ran).
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_run_outlives_its_test():
+    """A W&B run left open by a test (a Trainer built with W&B on, but never finished) would be reused by the next
+    WandbLogger in this process, which would then log into the wrong run folder."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 @pytest.fixture(scope="session")

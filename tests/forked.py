@@ -57,6 +57,17 @@ def _child_main(target: Callable, args: tuple, env: dict[str, str], log: Path) -
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     target(*args)
+    # The child ends with os._exit (multiprocessing), skipping interpreter finalization, where a process group
+    # that is still alive would be destroyed with its worker threads running: ZeRO-3's second gloo group made
+    # that abort ("terminate called without an active exception", exit 134). So what finalization would
+    # trip over is checked here instead: the code under test must have torn the world down itself.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        raise SystemExit(
+            "the process group is still initialized at the end of the process: destroy it before exiting "
+            "(torch.distributed.destroy_process_group(), as pipeline/train.py does)"
+        )
 
 
 class Child:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forked
 import lightning as L
 import pytest
 import torch
@@ -228,36 +229,44 @@ def test_evaluate_without_a_checkpoint_says_what_to_do(tiny: dict, capsys: pytes
     assert "no averaged.ckpt and no checkpoints/last.ckpt" in capsys.readouterr().err
 
 
-def test_average_consolidates_deepspeed_checkpoint_folders(tiny: dict) -> None:
-    """A real ZeRO-2 fit (1 CPU process, fp32, 3 steps, a checkpoint folder per step, as `aiayn train
-    strategy=deepspeed` writes them): the folders are consolidated and averaged; the newest alone gives exactly
-    the weights the fit ended with, and last.ckpt (a folder too) is not counted twice."""
+def _deepspeed_fit(overrides: list[str], run: Path, dataset_root: Path) -> None:
+    """`aiayn train`'s trainer on a fresh module; the fitted weights -> run/trained.pt. Runs in a forked child:
+    DeepSpeed keeps its process groups in module globals, which a later DeepSpeed world in this process would
+    inherit (tests/test_deepspeed_cpu.py forks its ranks from here)."""
     from data import TranslationDataModule
     from pipeline import train
 
-    run = tiny["root"] / "ds_run"
-    overrides = ["strategy=deepspeed", "strategy.stage=2", "trainer.precision=32-true", "trainer.max_steps=3"]
-    overrides += ["checkpoint.every_n_train_steps=1", "trainer.limit_val_batches=0", "logger.wandb.enabled=false"]
-    overrides += ["trainer.enable_progress_bar=false", "run.n_samples=0"]
-    cfg = load_config([*tiny["overrides"], *overrides])
+    cfg = load_config(overrides)
     L.seed_everything(cfg.seed)
     module = TranslationModule(
         model=OmegaConf.to_container(cfg.model, resolve=True), optim=OmegaConf.to_container(cfg.optim, resolve=True)
     )
     trainer = train.build_trainer(cfg, run)
-    try:
-        trainer.fit(module, datamodule=TranslationDataModule(cfg.data, tiny["root"] / "out", seed=cfg.seed))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    trained = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    trainer.fit(module, datamodule=TranslationDataModule(cfg.data, dataset_root, seed=cfg.seed))
+    torch.save({"state_dict": module.state_dict(), "model": dict(module.hparams["model"])}, run / "trained.pt")
+
+
+def test_average_consolidates_deepspeed_checkpoint_folders(tiny: dict) -> None:
+    """A real ZeRO-2 fit (1 CPU process, fp32, 3 steps, a checkpoint folder per step, as `aiayn train
+    strategy=deepspeed` writes them): the folders are consolidated and averaged; the newest alone gives exactly
+    the weights the fit ended with, and last.ckpt (a folder too) is not counted twice."""
+    run = tiny["root"] / "ds_run"
+    run.mkdir()
+    overrides = ["strategy=deepspeed", "strategy.stage=2", "trainer.precision=32-true", "trainer.max_steps=3"]
+    overrides += ["checkpoint.every_n_train_steps=1", "trainer.limit_val_batches=0", "logger.wandb.enabled=false"]
+    overrides += ["trainer.enable_progress_bar=false", "run.n_samples=0"]
+    world = forked.torchrun_fork(_deepspeed_fit, ([*tiny["overrides"], *overrides], run, tiny["root"] / "out"), 1, run)
+    codes = forked.wait_all(world, timeout=1800)
+    assert codes == [0], (run / "rank0.log").read_text()[-5000:]
+    fitted = torch.load(run / "trained.pt", weights_only=True)
+    trained = fitted["state_dict"]
     folders = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
     assert folders == ["last.ckpt", "step0000001.ckpt", "step0000002.ckpt", "step0000003.ckpt"]
 
     average_run(run, last_n=1)
     saved = _averaged(run / "averaged.ckpt")
     assert saved["averaged_from"] == [{"name": "step0000003.ckpt", "global_step": 3}]
-    assert saved["hyper_parameters"]["model"] == dict(module.hparams["model"])
+    assert saved["hyper_parameters"]["model"] == fitted["model"]
     assert saved["state_dict"].keys() == trained.keys()
     for k, v in trained.items():
         assert saved["state_dict"][k].dtype == torch.float32

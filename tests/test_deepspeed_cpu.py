@@ -77,9 +77,9 @@ def _log(launch: dict) -> str:
 
 
 def test_both_processes_finish_and_exit_cleanly(launch: dict) -> None:
-    """Exit status 0 after every stage. (The forked ranks end with os._exit, so the C++ abort that ZeRO-3 gave at
-    interpreter exit cannot show here: `torchrun ... tests/ds_toy_run.py --keep-process-group` reproduces it, and
-    pipeline/train.py tears the process groups down before exit as ds_toy_run.main does.)"""
+    """Exit status 0 after every stage, with the process groups torn down: the forked ranks end with os._exit,
+    so instead of the C++ abort ZeRO-3 gave at interpreter exit, tests/forked.py fails a rank whose world is
+    still initialized when it ends (`torchrun ... tests/ds_toy_run.py --keep-process-group` shows the abort)."""
     assert launch["codes"] == [0, 0], _log(launch)
     for rank, log in launch["logs"].items():
         assert f"rank {rank} finished" in log, _log(launch)

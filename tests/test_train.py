@@ -75,6 +75,7 @@ def test_short_fit_lowers_validation_loss(tmp_path, corpora_dir):
             "checkpoint.every_n_train_steps=30",
             "trainer.precision=bf16-mixed",
             "trainer.enable_progress_bar=false",
+            "logger.wandb.enabled=false",  # W&B is test_cli_train_runs_and_reports's
         ]
     )
     L.seed_everything(cfg.seed)
