@@ -102,8 +102,15 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
 @rank_zero_only
 def finish_wandb() -> None:
     """Close the W&B run at the end of `aiayn train` (Lightning leaves it open until the interpreter exits): its
-    summary and exit record are written, and a later run in the same process starts a run of its own."""
+    summary and exit record are written, and a later run in the same process starts a run of its own.
+
+    wandb.finish() returns before wandb's service process has written the whole run to disk: an offline run's
+    .wandb file read right after held 1 of its 4 history rows (wandb 0.31). wandb.teardown() stops the service,
+    which flushes and closes the file, so the run is complete when training returns (a later run starts a new
+    service)."""
     import sys
 
-    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish()
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+        wandb.teardown()
