@@ -157,7 +157,10 @@ JobRequeue=1
 KillWait=5
 AuthInfo=cred_expire=5
 SchedulerParameters=sched_interval=2,bf_interval=2
-MinJobAge=300
+# MinJobAge: seconds a finished job's record stays visible to scontrol (no accounting database here). The stage
+# graph's tests read the prepare job's start/end times after the whole graph ended, which takes well over the
+# default 300 s on a loaded 2-core machine.
+MinJobAge=7200
 InactiveLimit=0
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO

@@ -244,6 +244,7 @@ def _deepspeed_fit(overrides: list[str], run: Path, dataset_root: Path) -> None:
     trainer = train.build_trainer(cfg, run)
     trainer.fit(module, datamodule=TranslationDataModule(cfg.data, dataset_root, seed=cfg.seed))
     torch.save({"state_dict": module.state_dict(), "model": dict(module.hparams["model"])}, run / "trained.pt")
+    torch.distributed.destroy_process_group()  # as pipeline/train.py does after fit
 
 
 def test_average_consolidates_deepspeed_checkpoint_folders(tiny: dict) -> None:

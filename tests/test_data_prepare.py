@@ -445,6 +445,6 @@ def test_two_workers_write_the_same_shards_as_one_and_resume(tmp_path, raw):
     for name in ("manifest.json", "train/shard-00002.json", "train/shard-00004.json"):
         (two / name).unlink()
     kept = (two / "train" / "shard-00003.json").stat().st_mtime_ns
-    assert prepare_dataset(cfg, tmp_path / "two") == two
+    assert prepare_dataset(cfg, tmp_path / "out") == two
     assert (two / "train" / "shard-00003.json").stat().st_mtime_ns == kept
     assert read_manifest(two)["splits"] == manifests[1]["splits"] and sha(two) == sha(one)

@@ -68,6 +68,7 @@ def resume_data(tmp_path_factory: pytest.TempPathFactory, corpora_dir: Path) -> 
         f"checkpoint.every_n_train_steps={N}",
         "checkpoint.save_top_k=5",
         "run.n_samples=1",
+        "run.val_bleu_sentences=8",  # greedy decoding at each validation: a few sentences show it changes nothing
         "logger.wandb.enabled=false",
     ]
     prepare_dataset(load_config(overrides).data, root / "outputs")  # here, once: the runs only read it

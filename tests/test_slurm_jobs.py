@@ -53,6 +53,7 @@ def _overrides(tmp: Path, corpora_dir: Path) -> list[str]:
         f"checkpoint.every_n_train_steps={EVERY}",
         "trainer.enable_progress_bar=false",
         "logger.wandb.enabled=false",
+        "run.val_bleu_sentences=8",  # greedy decoding at validation, kept short
         "evaluate.max_extra=10",  # short outputs: the tiny model's greedy search stops early on this slow CPU
     ]
 
@@ -73,7 +74,10 @@ NEVER_STARTS |= {"DependencyNeverSatisfied"}
 
 
 def _check_startable(jobs: dict) -> None:
+    queued = set(_queued())
     for stage, job in jobs.items():
+        if job.job_id not in queued:
+            continue
         info = _scontrol(job.job_id)
         if info.get("JobState") == "PENDING" and info.get("Reason") in NEVER_STARTS:
             nodes = subprocess.run(["scontrol", "-o", "show", "node"], capture_output=True, text=True).stdout
