@@ -22,11 +22,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pipeline.slurm import LAUNCHER_VARIABLES
+
 _FORK = multiprocessing.get_context("fork")
 # Variables that would make a child join some other job's process group or cluster environment.
 _FOREIGN_PREFIXES = ("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_", "LSB_", "KUBERNETES_")
-_FOREIGN = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"}
-_FOREIGN |= {"NODE_RANK", "PL_DEEPSPEED_CONFIG_PATH"}
+_FOREIGN = {*LAUNCHER_VARIABLES, "PL_DEEPSPEED_CONFIG_PATH"}
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -93,18 +94,6 @@ class Child:
             except ProcessLookupError:
                 pass
         self.process.join()
-
-    def wait(self, timeout: float) -> int:
-        self.process.join(timeout)
-        if self.process.exitcode is None:
-            self.kill()
-            raise TimeoutError(f"process {self.pid} still running after {timeout:.0f}s; log {self.log}")
-        return self.process.exitcode
-
-
-def run(target: Callable, args: Sequence, log: Path, timeout: float, env: dict[str, str] | None = None) -> int:
-    """Fork, run `target(*args)` in the child, wait; the child's exit status."""
-    return Child(target, args, env or clean_env(), log).wait(timeout)
 
 
 def free_port() -> int:

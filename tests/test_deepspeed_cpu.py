@@ -32,7 +32,6 @@ from ds_toy_run import EPOCHS, STEPS_PER_EPOCH, mse, toy_dataset, toy_net
 from data import prepare_dataset
 from pipeline.config import load_config
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STAGES = (1, 2, 3)
 TINY_MODEL = ["model.n_layers=1", "model.d_model=32", "model.d_ff=64", "model.n_heads=2", "model.vocab_size=400"]
 TIMEOUT_S = float(os.environ.get("AIAYN_DS_TEST_TIMEOUT", 1800))  # an upper bound for a loaded machine
