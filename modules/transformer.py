@@ -36,7 +36,10 @@ class Encoder(nn.Module):
 
     def forward(self, src: torch.Tensor, src_bias: torch.Tensor) -> torch.Tensor:
         # src: (batch, src_len) token ids -> (batch, src_len, d_model)
-        x = self.dropout(self.embedding(src) + self.positional(src.size(1)))
+        x = self.embedding(src)
+        # .to(x.dtype): DeepSpeed's bf16/fp16 engines cast parameters but keep buffers such as the sinusoid table
+        # in fp32, and an fp32 sum would then meet bf16 weights in the first projection.
+        x = self.dropout(x + self.positional(src.size(1)).to(x.dtype))
         for layer in self.layers:
             x = layer(x, src_bias)
         return self.final_norm(x)
@@ -67,7 +70,8 @@ class Decoder(nn.Module):
         and the keys/values of earlier positions come from the cache.
         """
         length = tgt_in.size(1)
-        y = self.dropout(self.embedding(tgt_in) + self.positional(length, start))
+        y = self.embedding(tgt_in)
+        y = self.dropout(y + self.positional(length, start).to(y.dtype))  # dtype: see Encoder.forward
         # One new position sees every cached one and itself: no mask needed. Several positions at once
         # (training, or a prompt) must not see their own future.
         self_bias = causal_bias(length, tgt_in.device) if length > 1 else None

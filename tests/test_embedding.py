@@ -39,3 +39,25 @@ def test_learned_positions_reject_too_long_inputs():
         assert "model.max_positions" in str(err)
     else:
         raise AssertionError("a sequence longer than max_positions must fail")
+
+
+def test_transformer_runs_with_low_precision_parameters_and_fp32_buffers():
+    """DeepSpeed's bf16 engine casts a module's parameters to bf16 and keeps its buffers (the sinusoid table) in
+    fp32 (deepspeed/runtime/engine.py, _configure_distributed_model). The model must then compute in bf16
+    throughout, and give the fp32 model's logits up to bf16 rounding."""
+    from modules.config import TransformerConfig
+    from modules.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=40, n_layers=1, d_model=32, d_ff=64, n_heads=2, dropout=0.0)
+    model = Transformer(cfg).eval()
+    src, tgt_in = torch.randint(1, 40, (2, 7)), torch.randint(1, 40, (2, 5))
+    reference = model(src, tgt_in)
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    assert model.encoder.positional.table.dtype == torch.float32
+    logits = model(src, tgt_in)  # raised "mat1 and mat2 must have the same dtype" before the cast to x.dtype
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.05)
+    logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
