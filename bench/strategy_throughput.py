@@ -29,8 +29,6 @@ CONFIGS = {
     "DDP, 2 processes": {"nprocs": 2, "overrides": ["trainer.devices=2", "strategy=ddp"]},
     "ZeRO-2, 2 processes": {"nprocs": 2, "overrides": ["trainer.devices=2", "strategy=deepspeed", "strategy.stage=2"]},
 }
-# Variables of an enclosing launcher or scheduler: the children start their own worlds.
-_FOREIGN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def child(config: str, model: str, max_tokens: int, steps: int, warmup: int, out: Path) -> None:
@@ -64,7 +62,6 @@ def child(config: str, model: str, max_tokens: int, steps: int, warmup: int, out
         f"trainer.max_steps={warmup + steps}",
         "trainer.limit_val_batches=0",
         "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
         "checkpoint.every_n_train_steps=1000000",
         "logger.wandb.enabled=false",
         "run.n_samples=0",
@@ -92,7 +89,10 @@ def child(config: str, model: str, max_tokens: int, steps: int, warmup: int, out
 def run(config: str, args: argparse.Namespace) -> float:
     """Start one configuration as its own process(es); the run's target tokens/s over all ranks."""
     nprocs = CONFIGS[config]["nprocs"]
-    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    sys.path.insert(0, str(ROOT))
+    from pipeline.slurm import LAUNCHER_VARIABLES  # an enclosing launcher's world is not the children's
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS=str((os.cpu_count() or 1) // nprocs), DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
     with tempfile.TemporaryDirectory() as out:
         argv = [__file__, "--child", config, "--child-out", out, "--model", args.model]
