@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--model", default="small")
     parser.add_argument("--max-tokens", type=int, default=2048, help="padded tokens per batch per process")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("strategy_throughput.json"))
+    parser.add_argument("--from-log", type=Path, help="write the report from an interrupted run's printed output")
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,25 +122,46 @@ def main() -> None:
         return child(args.child, args.model, args.max_tokens, args.steps, args.warmup, args.child_out)
 
     runs: dict[str, list[float]] = {config: [] for config in CONFIGS}
-    loads = []
+    loads: list[float] = []
+    if args.from_log:  # an interrupted run: its printed results, in the order they were measured
+        for line in args.from_log.read_text().splitlines():
+            if match := ROUND_LINE.match(line):
+                runs[match["config"].strip()].append(float(match["tps"]))
+        return write_report(runs, loads, args)
     for round_ in range(args.rounds):
         for config in CONFIGS:
             loads.append(os.getloadavg()[0])
             runs[config].append(run(config, args))
             print(f"round {round_}: {config:20s} {runs[config][-1]:8.0f} target tokens/s", flush=True)
-    table = {config: round(statistics.median(values)) for config, values in runs.items()}
-    single = table["1 process"]
+            write_report(runs, loads, args)  # after every run: an interrupted benchmark keeps what it measured
+
+
+# What main prints per run; --from-log reads it back.
+ROUND_LINE = re.compile(r"round (?P<round>\d+): (?P<config>.{20}) +(?P<tps>[0-9.]+) target tokens/s")
+
+
+def write_report(runs: dict[str, list[float]], loads: list[float], args: argparse.Namespace) -> None:
+    """Medians over the runs so far, and each complete round's ratios to its own 1-process run (the ratios
+    within a round are what the shared machine's noise disturbs least)."""
+    done = {config: values for config, values in runs.items() if values}
+    table = {config: round(statistics.median(values)) for config, values in done.items()}
+    rounds = min(len(values) for values in runs.values())
+    per_round = [{c: round(runs[c][r] / runs["1 process"][r], 2) for c in CONFIGS} for r in range(rounds)]
     report = {
-        "what": "target tokens/s of a training run, all ranks together (median over rounds), bf16-mixed",
+        "what": "target tokens/s of a training run, all ranks together (median over runs), bf16-mixed",
         "command": f"python bench/strategy_throughput.py --rounds {args.rounds} --steps {args.steps} "
         f"--warmup {args.warmup} --model {args.model} --max-tokens {args.max_tokens}",
+        "complete_rounds": rounds,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "max_tokens_per_process": args.max_tokens,
         "tokens_per_sec": table,
-        "vs_1_process": {config: round(value / single, 2) for config, value in table.items()},
+        "vs_1_process": {c: round(v / table["1 process"], 2) for c, v in table.items()} if "1 process" in table else {},
+        "vs_1_process_per_complete_round": per_round,
         "load_average_1min_at_each_start": loads,
         "runs": runs,
     }
+    if args.from_log:
+        report["from_log"] = f"rebuilt with --from-log from the printed results of an interrupted run: {args.from_log}"
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["tokens_per_sec"], indent=2), "\nvs 1 process:", report["vs_1_process"])
 
