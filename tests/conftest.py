@@ -37,3 +37,44 @@ def corpora_dir() -> Path:
     if not (CORPORA_DIR / "multi30k" / "train.en.gz").exists():
         raise FileNotFoundError(f"Multi30k not found under {CORPORA_DIR}: set CORPORA_DIR to the corpora folder")
     return CORPORA_DIR
+
+
+# --- The test process must end when the session ends. -----------------------------------------------------------
+# A CI run once printed "118 passed" and then sat until the CI's time limit killed it: something kept the
+# interpreter alive after the last test (a non-daemon child, which multiprocessing joins at exit, or a non-daemon
+# thread, which the interpreter joins). What is still alive is listed and children are killed at the end of the
+# session, and a watchdog prints every thread's stack and ends the process if it still has not exited later.
+EXIT_WATCHDOG_S = 600
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import threading
+    import traceback
+
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if not children and not threads:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    write = reporter.write_line if reporter is not None else print
+    write("\nstill alive at the end of the test session (a test did not clean up after itself):")
+    for child in children:
+        try:
+            write(f"  child process {child.pid}: {' '.join(child.cmdline()) or child.name()}")
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=30)
+    for thread in threads:
+        frame = sys._current_frames().get(thread.ident)
+        stack = traceback.format_stack(frame, limit=-4) if frame is not None else []
+        write(f"  non-daemon thread {thread.name!r}, started by {thread.run!r}:\n{''.join(stack)}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import faulthandler
+
+    # Ends (exit status 1) with every thread's Python stack on stderr if the interpreter is still running then.
+    faulthandler.dump_traceback_later(EXIT_WATCHDOG_S, exit=True)
