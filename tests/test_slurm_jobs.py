@@ -29,7 +29,7 @@ from pipeline.stages import STAGES, graph_run_dir, run_graph
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
 
-MAX_STEPS = 60
+MAX_STEPS = 20  # leaves 15 steps after the first checkpoint for the SIGUSR1 to land in training
 EVERY = 5  # periodic checkpoints: the signal is sent once the first one exists, i.e. after step 5
 # Upper bound for the whole graph on a loaded 2-core machine (on an idle one it takes about 2 minutes).
 GRAPH_TIMEOUT_S = 3 * 3600
