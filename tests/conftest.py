@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -53,12 +54,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     import psutil
 
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        wandb.teardown()  # W&B's own service process ends through W&B, not as a leftover below
     children = psutil.Process().children(recursive=True)
     threads = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     if not children and not threads:
         return
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    write = reporter.write_line if reporter is not None else print
+    # stderr, not the terminal reporter: pytest-xdist workers have none, and their stderr reaches the output.
+    write = functools.partial(print, file=sys.__stderr__, flush=True)
     write("\nstill alive at the end of the test session (a test did not clean up after itself):")
     for child in children:
         try:
@@ -70,7 +74,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for thread in threads:
         frame = sys._current_frames().get(thread.ident)
         stack = traceback.format_stack(frame, limit=-4) if frame is not None else []
-        write(f"  non-daemon thread {thread.name!r}, started by {thread.run!r}:\n{''.join(stack)}")
+        target = getattr(thread, "_target", None) or thread.run
+        write(f"  non-daemon thread {thread.name!r} running {target!r}:\n{''.join(stack)}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
