@@ -6,7 +6,11 @@
     aiayn params  [overrides...]      print the model's parameter count as JSON
     aiayn plan    [overrides...]      FLOPs, batch layout, memory per GPU (ZeRO 0-3) and time of the configured run
     aiayn average  run.dir=<run> [overrides...]   mean of the newest average.last_n checkpoints -> <run>/averaged.ckpt
-    aiayn evaluate run.dir=<run> [overrides...]   translate evaluate.split, BLEU and chrF -> <run>/eval-<split>.json
+    aiayn evaluate run.dir=<run> [overrides...]   translate evaluate.split; sacreBLEU, chrF and the paper's tokenized
+                                      BLEU -> <run>/eval-<split>.json (and the W&B run's summary)
+    aiayn translate run.dir=<run> [translate.input=<file>] [overrides...]
+                                      translate a file, stdin, or lines typed at a prompt with the run's model;
+                                      translate.nbest > 1: `<index> TAB <score> TAB <translation>` lines
     aiayn config  [overrides...]      print the resolved config
     aiayn submit [--dry-run] cluster=slurm [overrides...]
                                       submit `aiayn train` as a SLURM job with submitit: cluster.nodes x
@@ -118,6 +122,12 @@ def _evaluate(cfg) -> None:
     main(cfg)
 
 
+def _translate(cfg) -> None:
+    from pipeline.translate import main
+
+    main(cfg)
+
+
 def _config(cfg) -> None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -130,6 +140,7 @@ COMMANDS = {
     "plan": (_plan, "FLOPs per token, batch layout, memory per GPU for ZeRO 0-3, step and wall time, GPU-hours"),
     "average": (_average, "average the newest average.last_n checkpoints of run.dir into <run.dir>/averaged.ckpt"),
     "evaluate": (_evaluate, "translate evaluate.split with a run's model; BLEU and chrF with sacrebleu"),
+    "translate": (_translate, "translate text (translate.input: a file, stdin, or a prompt) with a run's model"),
     "config": (_config, "print the resolved configuration"),
     "submit": (_submit, "submit `aiayn train` as a SLURM job (cluster=slurm); --dry-run prints the sbatch script"),
     "run": (_run, "the stage graph prepare -> train -> average -> evaluate: SLURM jobs chained by afterok, or here"),

@@ -3,7 +3,9 @@
 The source side is the split's prepared token ids (exactly what training-time encoding produced, plus <eos>);
 hypotheses are decoded back to text with the SentencePiece model, and scored against the split's raw reference
 text, as read from the corpus files: detokenized BLEU and chrF with sacrebleu's defaults, whose signatures are
-printed and saved. Written into the run folder:
+printed and saved, and the paper's own number beside them: BLEU over Moses tokens with compounds split
+(pipeline/paper_bleu.py; about a point apart from sacreBLEU on WMT14). The scores also go into the summary of the
+run's W&B run when logger.wandb.enabled (pipeline/loggers.log_run_summary). Written into the run folder:
 
     eval-<split>.hyp.txt    one hypothesis per line, in the split's order
     eval-<split>.ref.txt    the references, so `sacrebleu eval-<split>.ref.txt -i eval-<split>.hyp.txt -m bleu chrf`
@@ -15,9 +17,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,25 +33,37 @@ from pipeline.average import AVERAGED_NAME, require_run_dir
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import output_dir
 from pipeline.errors import RunFolderError
+from pipeline.loggers import log_run_summary
+from pipeline.paper_bleu import tokenized_bleu
 
 # A search: (model, src (batch, src_len) right-padded) -> token ids per sentence, without bos/eos.
 Search = Callable[[Transformer, torch.Tensor], list[list[int]]]
+T = TypeVar("T")
 
 
-def resolve_checkpoint(cfg: DictConfig, run_dir: Path) -> Path:
-    """evaluate.checkpoint (a path, relative ones taken inside run.dir), else averaged.ckpt, else last.ckpt."""
-    if cfg.evaluate.get("checkpoint"):
-        path = Path(cfg.evaluate.checkpoint).expanduser()
-        path = path if path.is_absolute() or path.exists() else run_dir / path
+def resolve_checkpoint(cfg: DictConfig, run_dir: Path | None, section: str = "evaluate") -> Path:
+    """<section>.checkpoint (a path; a relative one not found here is looked up inside run.dir), else run.dir's
+    averaged.ckpt, else its checkpoints/last.ckpt. section: the command's config section (evaluate, translate)."""
+    key, chosen = f"{section}.checkpoint", cfg[section].get("checkpoint")
+    if chosen:
+        path = Path(chosen).expanduser()
+        if not path.is_absolute() and not path.exists() and run_dir is not None:
+            path = run_dir / path
         if not path.exists():
-            raise RunFolderError(f"evaluate.checkpoint={cfg.evaluate.checkpoint}: not found (also not in {run_dir})")
+            where = f" (also not in {run_dir})" if run_dir is not None else ""
+            raise RunFolderError(f"{key}={chosen}: not found{where}")
         return path.resolve()
+    if run_dir is None:
+        raise RunFolderError(
+            f"run.dir is not set and no {key}: pass run.dir=<output_dir>/runs/<run> (its averaged.ckpt, else "
+            f"checkpoints/last.ckpt is used) or {key}=<checkpoint file>"
+        )
     for path in (run_dir / AVERAGED_NAME, run_dir / "checkpoints" / "last.ckpt"):
         if path.exists():
             return path
     raise RunFolderError(
         f"no {AVERAGED_NAME} and no checkpoints/last.ckpt in run.dir={run_dir}: train (and `aiayn average`) first, "
-        "or name one with evaluate.checkpoint=<path>"
+        f"or name one with {key}=<path>"
     )
 
 
@@ -62,6 +76,16 @@ def load_model(path: Path) -> tuple[Transformer, dict[str, Any]]:
     module = TranslationModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint.pop("state_dict"))
     return module.model.eval(), checkpoint
+
+
+def check_vocab(model: Transformer, checkpoint_path: Path, tokenizer: Any, dataset_dir: Path, command: str) -> None:
+    """The model's vocabulary must be the prepared dataset's BPE model's: ids mean nothing with another."""
+    if model.cfg.vocab_size != tokenizer.vocab_size:
+        raise RunFolderError(
+            f"{checkpoint_path} has model.vocab_size={model.cfg.vocab_size}, the BPE model of {dataset_dir} has "
+            f"{tokenizer.vocab_size}: `aiayn {command}` with the overrides the run was trained with (see the run "
+            "folder's config.yaml)"
+        )
 
 
 def make_search(eval_cfg: DictConfig, bos_id: int, eos_id: int) -> tuple[Search, dict[str, Any]]:
@@ -93,16 +117,19 @@ def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
 
 def translate_ids(
     model: Transformer,
-    sources: list[np.ndarray],
-    search: Search,
+    sources: Sequence[Sequence[int] | np.ndarray],
+    search: Callable[[Transformer, torch.Tensor], list[T]],
     pad_id: int,
     eos_id: int,
     max_tokens: int,
     device: torch.device,
-) -> list[list[int]]:
-    """Decode every source (ids without eos) in length-sorted batches; hypotheses come back in input order."""
+) -> list[T]:
+    """Decode every source (ids without eos) in length-sorted batches; hypotheses come back in input order.
+
+    What a sentence's result is, is the search's: token ids (evaluate's Search) or n-best lists (`aiayn translate`).
+    """
     lengths = np.array([len(s) + 1 for s in sources])  # + eos
-    hyps: list[list[int]] = [[] for _ in sources]
+    hyps: list[Any] = [None] * len(sources)
     for batch in length_batches(lengths, max_tokens):
         src = torch.full((len(batch), int(lengths[batch].max())), pad_id, dtype=torch.long)  # (batch, src_len)
         for row, i in enumerate(batch):
@@ -124,6 +151,16 @@ def score(hyps: list[str], refs: list[str]) -> dict[str, Any]:
         result[f"{name}_text"] = str(value)  # e.g. "BLEU = 27.30 59.1/33.2/... (BP = 1.000 ...)"
         result["signatures"][name] = str(metric.get_signature())
     return result
+
+
+def wandb_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """eval-<split>.json's scores as W&B summary values under the split's name: test/bleu, test/tok_bleu, ..."""
+    split = result["split"]
+    values = {key: result[key] for key in ("bleu", "chrf", "tok_bleu", "sentences", "translate_seconds")}
+    values |= {"global_step": result["global_step"], "checkpoint": Path(result["checkpoint"]).name}
+    values["search"] = result["decoding"]["search"]
+    values |= {f"signature/{name}": signature for name, signature in result["signatures"].items()}
+    return {f"{split}/{key}": value for key, value in values.items()}
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
@@ -149,12 +186,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             f"add data.splits.{split} and run `aiayn prepare` again"
         )
     model, checkpoint = load_model(checkpoint_path)
-    if model.cfg.vocab_size != tokenizer.vocab_size:
-        raise RunFolderError(
-            f"{checkpoint_path} has model.vocab_size={model.cfg.vocab_size}, the BPE model of "
-            f"{datamodule.dataset_dir} has {tokenizer.vocab_size}: evaluate with the overrides the run was trained "
-            f"with (see {run_dir / 'config.yaml'})"
-        )
+    check_vocab(model, checkpoint_path, tokenizer, datamodule.dataset_dir, "evaluate")
     model.to(device)
     pairs = datamodule.splits[split]
     references = [ref for _, ref in datamodule.raw_pairs(split, len(pairs))]
@@ -174,6 +206,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     _write_lines(files["hyp"], hypotheses)
     _write_lines(files["ref"], references)
     scores = score(hypotheses, references)
+    paper = tokenized_bleu(hypotheses, references, lang=cfg.data.tgt_lang)
+    scores["tok_bleu"], scores["tok_bleu_text"] = paper["tok_bleu"], paper["tok_bleu_text"]
+    scores["signatures"]["tok_bleu"] = paper["signature"]
     result = {
         "split": split,
         "sentences": len(hypotheses),
@@ -191,8 +226,13 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     print(
         f"{split}: {len(hypotheses)} sentences translated in {seconds:.1f} s with {checkpoint_path.name} "
         f"(step {result['global_step']}, {decoding['search']} search)\n"
-        f"  {scores['bleu_text']}\n    {scores['signatures']['bleu']}\n"
+        f"  sacreBLEU {scores['bleu_text']}\n    {scores['signatures']['bleu']}\n"
         f"  {scores['chrf_text']}\n    {scores['signatures']['chrf']}\n"
-        f"{json_path}"
+        f"  tokenized BLEU, compounds split (the paper's, get_ende_bleu.sh): {scores['tok_bleu_text']}\n"
+        f"    {scores['signatures']['tok_bleu']}"
     )
+    wandb_id = log_run_summary(cfg, run_dir, wandb_summary(result))
+    if wandb_id is not None:
+        print(f"W&B: {split}/* scores in the summary of run {wandb_id}")
+    print(json_path)
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,87 +21,14 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_run import N_TEST, STEPS, new_module, save_checkpoint
+from wandb_records import OfflineRun
 
-from data import prepare_dataset
 from modules.lightning import TranslationModule
 from pipeline import cli
 from pipeline.average import average_run
 from pipeline.config import load_config
 from pipeline.errors import RunFolderError
-
-TINY_MODEL = ["model.n_layers=2", "model.d_model=64", "model.d_ff=128", "model.n_heads=4", "model.vocab_size=400"]
-N_TEST = 40
-STEPS = (100, 200, 300)  # global steps the hand-made checkpoints claim
-SNAPSHOT_EVERY = 20  # Adam steps between them
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, corpora_dir: Path) -> dict:
-    """data=tiny (Multi30k val as training text) with its test split cut to the first N_TEST pairs, prepared."""
-    root = tmp_path_factory.mktemp("average_evaluate")
-    corpora = root / "corpora" / "multi30k"
-    corpora.mkdir(parents=True)
-    for lang in ("en", "de"):
-        shutil.copy(corpora_dir / "multi30k" / f"val.{lang}.gz", corpora / f"val.{lang}.gz")
-        with gzip.open(corpora_dir / "multi30k" / f"test_2016_flickr.{lang}.gz", "rt", encoding="utf-8") as f:
-            lines = [next(f) for _ in range(N_TEST)]
-        with gzip.open(corpora / f"test_2016_flickr.{lang}.gz", "wt", encoding="utf-8") as f:
-            f.writelines(lines)
-    overrides = [*TINY_MODEL, "data=tiny", f"paths.corpora_dir={corpora.parent}", f"paths.output_dir={root / 'out'}"]
-    cfg = load_config(overrides)
-    prepare_dataset(cfg.data, root / "out")
-    return {"root": root, "overrides": overrides, "cfg": cfg, "corpora": corpora}
-
-
-def _module(cfg, seed: int) -> TranslationModule:
-    torch.manual_seed(seed)
-    return TranslationModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True), optim=OmegaConf.to_container(cfg.optim, resolve=True)
-    )
-
-
-def _save(module: TranslationModule, step: int, path: Path) -> None:
-    """The entries Lightning's checkpoint holds that averaging and evaluation read (no optimizer/loop states)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = {
-        "epoch": 0,
-        "global_step": step,
-        "pytorch-lightning_version": L.__version__,
-        "state_dict": module.state_dict(),
-        "hyper_parameters": dict(module.hparams),
-    }
-    torch.save(checkpoint, path)
-
-
-@pytest.fixture(scope="module")
-def hand_made_run(tiny: dict) -> dict:
-    """A run folder as `aiayn train` leaves it: step checkpoints at STEPS and last.ckpt, a copy of the newest.
-
-    The weights are snapshots of a short fit (SNAPSHOT_EVERY Adam steps apart, on the tiny training split), so
-    that the model translates into varied, scoreable German rather than one repeated token.
-    """
-    from data import ShardedPairs, collate_pairs
-    from data.prepare import dataset_dir_for
-
-    run = tiny["root"] / "run"
-    module = _module(tiny["cfg"], 0)
-    train_pairs = ShardedPairs(dataset_dir_for(tiny["cfg"].data, tiny["root"] / "out"), "train")
-    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-9)
-    generator = torch.Generator().manual_seed(0)
-    states = {}
-    for step in range(1, len(STEPS) * SNAPSHOT_EVERY + 1):
-        indices = torch.randint(len(train_pairs), (32,), generator=generator).tolist()
-        batch = collate_pairs([train_pairs[i] for i in indices], pad_id=0, bos_id=2, eos_id=3)
-        loss_sum, _ = module.criterion(module(batch["src"], batch["tgt_in"]), batch["tgt_out"])
-        optimizer.zero_grad()
-        (loss_sum / batch["n_tgt_tokens"]).backward()
-        optimizer.step()
-        if step % SNAPSHOT_EVERY == 0:
-            global_step = STEPS[step // SNAPSHOT_EVERY - 1]
-            _save(module, global_step, run / "checkpoints" / f"step{global_step:07d}.ckpt")
-            states[global_step] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    shutil.copy(run / "checkpoints" / f"step{STEPS[-1]:07d}.ckpt", run / "checkpoints" / "last.ckpt")
-    return {"run": run, "states": states}
 
 
 def _mean(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -126,7 +54,7 @@ def test_average_is_the_mean_of_the_newest_checkpoints(hand_made_run: dict, tiny
         torch.testing.assert_close(saved["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
     # last.ckpt counted once: the step-300 weights weigh 1/3, not 1/2
     assert saved["averaged_from"] == [{"name": f"step{s:07d}.ckpt", "global_step": s} for s in STEPS]
-    assert saved["global_step"] == 300 and saved["hyper_parameters"] == dict(_module(tiny["cfg"], 0).hparams)
+    assert saved["global_step"] == 300 and saved["hyper_parameters"] == dict(new_module(tiny["cfg"], 0).hparams)
     # the tied embeddings (section 3.4) are still one tensor, and Lightning rebuilds the model from the file alone
     sd = saved["state_dict"]
     assert sd["model.encoder.embedding.weight"].data_ptr() == sd["model.decoder.embedding.weight"].data_ptr()
@@ -152,8 +80,8 @@ def test_average_is_the_mean_of_the_newest_checkpoints(hand_made_run: dict, tiny
         torch.testing.assert_close(saved["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
 
     # A newer checkpoint arrives (last.ckpt now holds step 400 and no step file does): it counts.
-    newest = _module(tiny["cfg"], 3)
-    _save(newest, 400, run / "checkpoints" / "last.ckpt")
+    newest = new_module(tiny["cfg"], 3)
+    save_checkpoint(newest, 400, run / "checkpoints" / "last.ckpt")
     average_run(run, last_n=2, log=logs.append)
     saved = _averaged(target)
     assert [r["name"] for r in saved["averaged_from"]] == ["step0000300.ckpt", "last.ckpt"]
@@ -179,6 +107,24 @@ def _sacrebleu_cli(ref: Path, hyp: Path) -> dict[str, float]:
     return {entry["name"]: entry["score"] for entry in json.loads(out)}
 
 
+def _get_ende_bleu(ref: Path, hyp: Path) -> dict:
+    """tensor2tensor's get_ende_bleu.sh: tokenizer.perl -l de (sacremoses), the perl one-liner that splits
+    compounds, multi-bleu.perl (sacrebleu's command line, no tokenization, no smoothing): its JSON, 4 decimals."""
+    from sacremoses import MosesTokenizer
+
+    moses = MosesTokenizer(lang="de")
+    for path in (ref, hyp):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        tokenized = "".join(moses.tokenize(line, return_str=True, escape=True) + "\n" for line in lines)
+        perl = ["perl", "-ple", r"s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g"]
+        split = subprocess.run(perl, input=tokenized.encode(), capture_output=True, check=True).stdout
+        path.with_suffix(".atat").write_bytes(split)
+    cmd = [sys.executable, "-m", "sacrebleu", str(ref.with_suffix(".atat")), "-i", str(hyp.with_suffix(".atat"))]
+    cmd += ["-m", "bleu", "-tok", "none", "-s", "none", "--force", "-w", "4"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    return out[0] if isinstance(out, list) else out
+
+
 def test_evaluate_scores_like_the_sacrebleu_command_line(
     hand_made_run: dict, tiny: dict, capsys: pytest.CaptureFixture
 ) -> None:
@@ -186,6 +132,8 @@ def test_evaluate_scores_like_the_sacrebleu_command_line(
     overrides = [*tiny["overrides"], f"run.dir={run}", "average.last_n=3", "evaluate.max_tokens=200"]
     cli.main(["average", *overrides])
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(run / "averaged.ckpt")
+    # The training run's W&B run, as an online or offline run leaves it in the run folder (W&B is offline here).
+    (run / "wandb" / "offline-run-20250101_120000-trained-run-id").mkdir(parents=True)
     cli.main(["evaluate", *overrides])
     out = capsys.readouterr().out
     result = json.loads((run / "eval-test.json").read_text())
@@ -204,6 +152,31 @@ def test_evaluate_scores_like_the_sacrebleu_command_line(
     for signature in result["signatures"].values():
         assert signature in out and "version:2.6.0" in signature
     assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in result["signatures"]["bleu"]
+
+    # The paper's tokenized BLEU: get_ende_bleu.sh's steps done here independently (Moses tokenization, perl's
+    # compound splitting, sacrebleu's command line on the tokens with multi-bleu.perl's settings).
+    reference = _get_ende_bleu(ref_file, hyp_file)
+    assert round(result["tok_bleu"], 4) == reference["score"]
+    # and the statistics behind it, n-gram precisions and token counts (a little-trained model may match no 4-gram,
+    # and without smoothing BLEU is then 0 on both sides):
+    ours = re.search(
+        r"([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) \(BP=.*hyp_len=(\d+), ref_len=(\d+)\)", result["tok_bleu_text"]
+    )
+    theirs = re.search(
+        r"([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) \(BP = .*hyp_len = (\d+) ref_len = (\d+)\)", reference["verbose_score"]
+    )
+    assert ours.groups() == theirs.groups() and float(ours[1]) > 0, (result["tok_bleu_text"], reference)
+    assert f"(the paper's, get_ende_bleu.sh): {result['tok_bleu_text']}" in out
+
+    # The scores are in the W&B summary of the training run (found in the run folder), reopened.
+    folders = sorted((run / "wandb").glob("offline-run-*"))
+    (scores,) = [OfflineRun.read(folder) for folder in folders if any(folder.glob("*.wandb"))]
+    assert scores.run_id == "trained-run-id" and scores.resume
+    assert "W&B: test/* scores in the summary of run trained-run-id" in out
+    for key in ("bleu", "chrf", "tok_bleu", "sentences", "global_step"):
+        assert scores.summary[f"test/{key}"] == result[key], key
+    assert scores.summary["test/signature/tok_bleu"] == result["signatures"]["tok_bleu"]
+    assert scores.summary["test/checkpoint"] == "averaged.ckpt" and scores.summary["test/translate_seconds"] > 0
 
     # Batched, length-sorted decoding gives each sentence what decoding it alone from its raw text gives,
     # in the file's order, detokenized by SentencePiece.
