@@ -11,6 +11,8 @@ run's W&B run when logger.wandb.enabled (pipeline/loggers.log_run_summary). Writ
     eval-<split>.ref.txt    the references, so `sacrebleu eval-<split>.ref.txt -i eval-<split>.hyp.txt -m bleu chrf`
                             reproduces the scores
     eval-<split>.json       scores, signatures, checkpoint, decoding settings, timing
+    eval-<split>.nbest.txt  with evaluate.nbest > 1: each sentence's n best hypotheses, best first, one per line:
+                            <sentence index> TAB <score> TAB <log-probability> TAB <hypothesis>
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from data.manifest import write_json_atomic
+from modules.beam import Hypothesis, beam_search
 from modules.lightning import TranslationModule
 from modules.search import greedy_search
 from modules.transformer import Transformer
@@ -36,9 +39,8 @@ from pipeline.errors import RunFolderError
 from pipeline.loggers import log_run_summary
 from pipeline.paper_bleu import tokenized_bleu
 
-# A search: (model, src (batch, src_len) right-padded) -> token ids per sentence, without bos/eos.
-Search = Callable[[Transformer, torch.Tensor], list[list[int]]]
-T = TypeVar("T")
+# A search: (model, src (batch, src_len) right-padded) -> each sentence's hypotheses, best first.
+Search = Callable[[Transformer, torch.Tensor], list[list[Hypothesis]]]
 
 
 def resolve_checkpoint(cfg: DictConfig, run_dir: Path | None, section: str = "evaluate") -> Path:
@@ -78,28 +80,42 @@ def load_model(path: Path) -> tuple[Transformer, dict[str, Any]]:
     return module.model.eval(), checkpoint
 
 
-def check_vocab(model: Transformer, checkpoint_path: Path, tokenizer: Any, dataset_dir: Path, command: str) -> None:
-    """The model's vocabulary must be the prepared dataset's BPE model's: ids mean nothing with another."""
-    if model.cfg.vocab_size != tokenizer.vocab_size:
-        raise RunFolderError(
-            f"{checkpoint_path} has model.vocab_size={model.cfg.vocab_size}, the BPE model of {dataset_dir} has "
-            f"{tokenizer.vocab_size}: `aiayn {command}` with the overrides the run was trained with (see the run "
-            "folder's config.yaml)"
-        )
+def make_search(cfg: DictConfig, bos_id: int, eos_id: int, section: str = "evaluate") -> tuple[Search, dict[str, Any]]:
+    """The decoding the <section>.beam / alpha / nbest / max_extra keys ask for (evaluate, translate), and its
+    description for eval-<split>.json.
 
-
-def make_search(eval_cfg: DictConfig, bos_id: int, eos_id: int) -> tuple[Search, dict[str, Any]]:
-    """The decoding the evaluate.* keys ask for, and its description for eval-<split>.json.
-
-    Greedy search, output length up to input length + evaluate.max_extra (section 6.1: "input length + 50").
-    Beam search (section 6.1: beam 4, length penalty α = 0.6) plugs in here, selected by an evaluate.beam key.
+    Section 6.1: "beam search with a beam size of 4 and length penalty α = 0.6 ... maximum output length during
+    inference to input length + 50" (modules/beam.py). beam=1 is greedy search, which does not score its output
+    (its hypotheses' score and log_prob are NaN).
     """
-    max_extra = int(eval_cfg.max_extra)
+    beam, alpha, nbest = int(cfg.beam), float(cfg.alpha), int(cfg.nbest)
+    max_extra = int(cfg.max_extra)
+    if beam < 1:
+        raise RunFolderError(f"{section}.beam={beam}: the beam size must be at least 1 (1 is greedy search)")
+    if not 1 <= nbest <= beam:
+        raise RunFolderError(f"{section}.nbest={nbest}: must be between 1 and {section}.beam={beam}")
+    if alpha < 0:
+        raise RunFolderError(f"{section}.alpha={alpha}: the length penalty's α must be >= 0 (the paper: 0.6)")
 
-    def search(model: Transformer, src: torch.Tensor) -> list[list[int]]:
-        return greedy_search(model, src, bos_id, eos_id, max_extra=max_extra)
+    if beam == 1:
 
-    return search, {"search": "greedy", "max_extra": max_extra}
+        def greedy(model: Transformer, src: torch.Tensor) -> list[list[Hypothesis]]:
+            tokens = greedy_search(model, src, bos_id, eos_id, max_extra=max_extra)
+            return [[Hypothesis(t, float("nan"), float("nan"))] for t in tokens]
+
+        return greedy, {"search": "greedy", "max_extra": max_extra}
+
+    def beam_(model: Transformer, src: torch.Tensor) -> list[list[Hypothesis]]:
+        return beam_search(model, src, bos_id, eos_id, beam_size=beam, alpha=alpha, max_extra=max_extra, nbest=nbest)
+
+    return beam_, {"search": "beam", "beam": beam, "alpha": alpha, "max_extra": max_extra, "nbest": nbest}
+
+
+def describe_search(decoding: dict[str, Any]) -> str:
+    """The search of make_search's description in words: greedy search, or beam search (beam 4, α 0.6)."""
+    if decoding["search"] == "greedy":
+        return "greedy search"
+    return f"beam search (beam {decoding['beam']}, α {decoding['alpha']})"
 
 
 def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
@@ -118,18 +134,16 @@ def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
 def translate_ids(
     model: Transformer,
     sources: Sequence[Sequence[int] | np.ndarray],
-    search: Callable[[Transformer, torch.Tensor], list[T]],
+    search: Search,
     pad_id: int,
     eos_id: int,
     max_tokens: int,
     device: torch.device,
-) -> list[T]:
-    """Decode every source (ids without eos) in length-sorted batches; hypotheses come back in input order.
-
-    What a sentence's result is, is the search's: token ids (evaluate's Search) or n-best lists (`aiayn translate`).
-    """
+) -> list[list[Hypothesis]]:
+    """Decode every source (ids without eos) in length-sorted batches; each sentence's hypotheses (best first)
+    come back in input order."""
     lengths = np.array([len(s) + 1 for s in sources])  # + eos
-    hyps: list[Any] = [None] * len(sources)
+    hyps: list[list[Hypothesis]] = [[] for _ in sources]
     for batch in length_batches(lengths, max_tokens):
         src = torch.full((len(batch), int(lengths[batch].max())), pad_id, dtype=torch.long)  # (batch, src_len)
         for row, i in enumerate(batch):
@@ -169,42 +183,66 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def main(cfg: DictConfig) -> dict[str, Any]:
+def prepared_split(cfg: DictConfig, split: str) -> tuple[Any, list[np.ndarray], list[str]]:
+    """The data module of cfg.data (set up: its tokenizer and splits), the split's prepared source ids (without
+    <eos>) and its raw reference lines, as read from the corpus files."""
     from data import TranslationDataModule
-
-    run_dir = require_run_dir(cfg, "evaluate")
-    split = cfg.evaluate.split
-    checkpoint_path = resolve_checkpoint(cfg, run_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
     datamodule.setup()  # reads the prepared folder: a DatasetNotPreparedError says to run `aiayn prepare`
-    tokenizer = datamodule.tokenizer
     if split not in datamodule.splits:
         raise RunFolderError(
             f"evaluate.split={split}: {datamodule.dataset_dir} has only {sorted(datamodule.splits)}; "
             f"add data.splits.{split} and run `aiayn prepare` again"
         )
-    model, checkpoint = load_model(checkpoint_path)
-    check_vocab(model, checkpoint_path, tokenizer, datamodule.dataset_dir, "evaluate")
-    model.to(device)
     pairs = datamodule.splits[split]
     references = [ref for _, ref in datamodule.raw_pairs(split, len(pairs))]
     if len(references) != len(pairs):
         raise RunFolderError(f"{split}: {len(pairs)} prepared pairs but {len(references)} reference lines")
+    return datamodule, [pairs[i][0] for i in range(len(pairs))], references
+
+
+def check_vocabulary(model: Transformer, datamodule: Any, checkpoint_path: Path, fix: str) -> None:
+    """The checkpoint's model must have been trained on this BPE vocabulary; `fix` says what to do if not."""
+    if model.cfg.vocab_size != datamodule.tokenizer.vocab_size:
+        raise RunFolderError(
+            f"{checkpoint_path} has model.vocab_size={model.cfg.vocab_size}, the BPE model of "
+            f"{datamodule.dataset_dir} has {datamodule.tokenizer.vocab_size}: {fix}"
+        )
+
+
+def main(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = require_run_dir(cfg, "evaluate")
+    split = cfg.evaluate.split
+    checkpoint_path = resolve_checkpoint(cfg, run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    datamodule, sources, references = prepared_split(cfg, split)
+    tokenizer = datamodule.tokenizer
+    model, checkpoint = load_model(checkpoint_path)
+    fix = f"evaluate with the overrides the run was trained with (see {run_dir / 'config.yaml'})"
+    check_vocabulary(model, datamodule, checkpoint_path, fix)
+    model.to(device)
 
     search, decoding = make_search(cfg.evaluate, tokenizer.bos_id, tokenizer.eos_id)
     started = time.perf_counter()
-    sources = [pairs[i][0] for i in range(len(pairs))]
-    hyp_ids = translate_ids(
+    nbest = translate_ids(
         model, sources, search, tokenizer.pad_id, tokenizer.eos_id, int(cfg.evaluate.max_tokens), device
     )
-    hypotheses = tokenizer.decode(hyp_ids)
+    hypotheses = tokenizer.decode([hyps[0].tokens for hyps in nbest])
     seconds = time.perf_counter() - started
 
     files = {kind: run_dir / f"eval-{split}.{kind}.txt" for kind in ("hyp", "ref")}
     _write_lines(files["hyp"], hypotheses)
     _write_lines(files["ref"], references)
+    nbest_file = run_dir / f"eval-{split}.nbest.txt"
+    nbest_file.unlink(missing_ok=True)  # an earlier run's n-best list would not match these hypotheses
+    if int(cfg.evaluate.nbest) > 1:
+        files["nbest"] = nbest_file
+        flat = [(i, h) for i, hyps in enumerate(nbest) for h in hyps]
+        texts = tokenizer.decode([h.tokens for _, h in flat])
+        lines = [f"{i}\t{h.score:.4f}\t{h.log_prob:.4f}\t{text}" for (i, h), text in zip(flat, texts, strict=True)]
+        _write_lines(files["nbest"], lines)
     scores = score(hypotheses, references)
     paper = tokenized_bleu(hypotheses, references, lang=cfg.data.tgt_lang)
     scores["tok_bleu"], scores["tok_bleu_text"] = paper["tok_bleu"], paper["tok_bleu_text"]
@@ -225,7 +263,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     write_json_atomic(json_path, result)
     print(
         f"{split}: {len(hypotheses)} sentences translated in {seconds:.1f} s with {checkpoint_path.name} "
-        f"(step {result['global_step']}, {decoding['search']} search)\n"
+        f"(step {result['global_step']}, {describe_search(decoding)})\n"
         f"  sacreBLEU {scores['bleu_text']}\n    {scores['signatures']['bleu']}\n"
         f"  {scores['chrf_text']}\n    {scores['signatures']['chrf']}\n"
         f"  tokenized BLEU, compounds split (the paper's, get_ende_bleu.sh): {scores['tok_bleu_text']}\n"

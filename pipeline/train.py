@@ -128,6 +128,8 @@ def main(cfg: DictConfig) -> dict:
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         n_samples=cfg.run.n_samples,
         bleu_sentences=cfg.run.val_bleu_sentences,
+        val_beam=cfg.run.val_beam,
+        val_alpha=cfg.evaluate.alpha,
     )
     trainer = build_trainer(cfg, directory)
     trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)

@@ -18,7 +18,7 @@ sentence gives nbest lines `<line index>\\t<score>\\t<translation>`, best first 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,57 +28,11 @@ import torch
 from omegaconf import DictConfig
 
 from data.clean import Cleaner
-from modules.search import greedy_search
-
-try:
-    from modules.search import Hypothesis, beam_search
-except ImportError:  # TEMPORARY, until beam search is merged: greedy, one hypothesis per sentence
-    from typing import NamedTuple
-
-    class Hypothesis(NamedTuple):
-        tokens: list[int]
-        score: float
-        log_prob: float
-
-    def beam_search(model, src, bos_id, eos_id, beam_size=4, alpha=0.6, max_extra=50, nbest=1, use_cache=True):
-        print("beam search is not merged yet: greedy search", file=sys.stderr)
-        nan = float("nan")
-        return [[Hypothesis(t, nan, nan)] for t in greedy_search(model, src, bos_id, eos_id, max_extra)]
-
-
 from modules.transformer import Transformer
 from pipeline.average import require_run_dir
 from pipeline.config import output_dir
 from pipeline.errors import RunFolderError
-from pipeline.evaluate import check_vocab, load_model, resolve_checkpoint, translate_ids
-
-# A search for `aiayn translate`: (model, src (batch, src_len) right-padded) -> each sentence's n-best list.
-NBestSearch = Callable[[Transformer, torch.Tensor], list[list[Hypothesis]]]
-
-
-def make_nbest_search(tcfg: DictConfig, bos_id: int, eos_id: int) -> NBestSearch:
-    """translate.beam / alpha / nbest / max_extra as a search: beam search (section 6.1), greedy for beam 1."""
-    beam, nbest, alpha, max_extra = int(tcfg.beam), int(tcfg.nbest), float(tcfg.alpha), int(tcfg.max_extra)
-    if beam < 1 or not 1 <= nbest <= beam:
-        raise RunFolderError(
-            f"translate.beam={beam}, translate.nbest={nbest}: need 1 <= nbest <= beam (a beam of k keeps k "
-            "hypotheses per sentence)"
-        )
-    if beam > 1:
-
-        def search(model: Transformer, src: torch.Tensor) -> list[list[Hypothesis]]:
-            return beam_search(
-                model, src, bos_id, eos_id, beam_size=beam, alpha=alpha, max_extra=max_extra, nbest=nbest
-            )
-
-        return search
-
-    def greedy(model: Transformer, src: torch.Tensor) -> list[list[Hypothesis]]:
-        # Greedy search keeps no scores; they are only printed for nbest > 1, which needs a beam.
-        nan = float("nan")
-        return [[Hypothesis(tokens, nan, nan)] for tokens in greedy_search(model, src, bos_id, eos_id, max_extra)]
-
-    return greedy
+from pipeline.evaluate import Search, check_vocabulary, load_model, make_search, resolve_checkpoint, translate_ids
 
 
 @dataclass
@@ -88,7 +42,7 @@ class Translator:
     model: Transformer
     tokenizer: Any  # data.Tokenizer
     cleaner: Cleaner
-    search: NBestSearch
+    search: Search  # pipeline/evaluate.make_search: each sentence's n-best list
     max_tokens: int
     device: torch.device
 
@@ -117,13 +71,14 @@ def load_translator(cfg: DictConfig) -> tuple[Translator, Path]:
     datamodule.setup()  # the prepared dataset's BPE model: a DatasetNotPreparedError says to run `aiayn prepare`
     tokenizer = datamodule.tokenizer
     model, _ = load_model(checkpoint_path)
-    check_vocab(model, checkpoint_path, tokenizer, datamodule.dataset_dir, "translate")
+    fix = "run `aiayn translate` with the overrides the run was trained with (see the run folder's config.yaml)"
+    check_vocabulary(model, datamodule, checkpoint_path, fix)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     translator = Translator(
         model=model.to(device),
         tokenizer=tokenizer,
         cleaner=Cleaner(datamodule.cfg.get("clean"), filters=False),
-        search=make_nbest_search(cfg.translate, tokenizer.bos_id, tokenizer.eos_id),
+        search=make_search(cfg.translate, tokenizer.bos_id, tokenizer.eos_id, section="translate")[0],
         max_tokens=int(cfg.translate.max_tokens),
         device=device,
     )

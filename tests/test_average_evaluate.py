@@ -143,6 +143,10 @@ def test_evaluate_scores_like_the_sacrebleu_command_line(
     with gzip.open(tiny["corpora"] / "test_2016_flickr.de.gz", "rt", encoding="utf-8") as f:
         assert ref_file.read_text(encoding="utf-8") == f.read()
     assert result["checkpoint"] == str(run / "averaged.ckpt") and result["sentences"] == N_TEST
+    # Section 6.1's decoding, from conf/config.yaml: beam 4, length penalty 0.6, output up to input length + 50.
+    decoding = {k: result["decoding"][k] for k in ("search", "beam", "alpha", "max_extra", "nbest")}
+    assert decoding == {"search": "beam", "beam": 4, "alpha": 0.6, "max_extra": 50, "nbest": 1}
+    assert "nbest" not in result["files"] and not (run / "eval-test.nbest.txt").exists()
     assert result["global_step"] == 300 and len(result["averaged_from"]) == 3
 
     # Scores as sacrebleu's command line computes them from the written files, signatures printed and saved.
@@ -178,7 +182,7 @@ def test_evaluate_scores_like_the_sacrebleu_command_line(
     assert scores.summary["test/signature/tok_bleu"] == result["signatures"]["tok_bleu"]
     assert scores.summary["test/checkpoint"] == "averaged.ckpt" and scores.summary["test/translate_seconds"] > 0
 
-    # Batched, length-sorted decoding gives each sentence what decoding it alone from its raw text gives,
+    # Batched, length-sorted decoding gives each sentence what beam-decoding it alone from its raw text gives,
     # in the file's order, detokenized by SentencePiece.
     module = TranslationModule.load_from_checkpoint(run / "averaged.ckpt", map_location="cpu")
     from data import Tokenizer
@@ -189,8 +193,24 @@ def test_evaluate_scores_like_the_sacrebleu_command_line(
         sources = [line.rstrip("\n") for line in f]
     hyps = hyp_file.read_text(encoding="utf-8").splitlines()
     assert len(hyps) == N_TEST
-    assert hyps[:8] == [module.translate([s], tokenizer)[0] for s in sources[:8]]
+    assert hyps[:8] == [module.translate([s], tokenizer, beam=4, alpha=0.6)[0] for s in sources[:8]]
     assert len({len(h) for h in hyps}) > 1  # not one repeated string: the check above can tell sentences apart
+
+    # evaluate.nbest=3: each sentence's 3 best, best first, in eval-test.nbest.txt; the first is the hypothesis.
+    cli.main(["evaluate", *overrides, "evaluate.nbest=3"])
+    result = json.loads((run / "eval-test.json").read_text())
+    assert result["decoding"]["nbest"] == 3 and result["files"]["nbest"] == "eval-test.nbest.txt"
+    rows = [line.split("\t") for line in (run / "eval-test.nbest.txt").read_text(encoding="utf-8").splitlines()]
+    hyps = hyp_file.read_text(encoding="utf-8").splitlines()
+    for i in range(N_TEST):
+        mine = [row for row in rows if row[0] == str(i)]
+        assert len(mine) == 3 and mine[0][3] == hyps[i]
+        scores = [float(row[1]) for row in mine]
+        assert scores == sorted(scores, reverse=True) and all(float(row[2]) <= float(row[1]) for row in mine)
+    assert [int(row[0]) for row in rows] == sorted(int(row[0]) for row in rows)
+    cli.main(["evaluate", *overrides])  # back to nbest=1: the n-best list of another decoding is removed
+    assert not (run / "eval-test.nbest.txt").exists()
+    capsys.readouterr()
 
 
 def test_evaluate_without_a_checkpoint_says_what_to_do(tiny: dict, capsys: pytest.CaptureFixture) -> None:
