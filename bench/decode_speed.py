@@ -24,9 +24,14 @@ from pathlib import Path
 
 import torch
 
-from modules.beam import beam_search
-from pipeline.config import load_config
-from pipeline.evaluate import check_vocabulary, load_model, prepared_split, score, translate_ids
+# This checkout's packages, not those an editable install of another checkout maps (`python bench/...` puts bench/,
+# not the repository, first on sys.path).
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modules.beam import beam_search  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.evaluate import check_vocabulary, load_model, prepared_split, score, translate_ids  # noqa: E402
 
 BEAM, ALPHA, MAX_EXTRA = 4, 0.6, 50  # section 6.1
 

@@ -4,14 +4,15 @@
 References are independent of the code under test: the weights are recomputed by hand in float64 from a layer's
 own input and parameters (softmax((x W_q)(x W_k)ᵀ / √d_k), masked); the pieces come from SentencePiece itself;
 the figures are read back through matplotlib's own image arrays and tick labels; the W&B images from the offline
-run's files. Models are tiny and seeded; the data is tests/tiny_corpus.py (242 made-up pairs, a 100-piece BPE).
+run's files. Models are tiny and seeded; the data and the trained-looking checkpoint are the session's shared
+tiny run (tests/tiny_run.py: data=tiny, a 400-piece BPE; fixtures `tiny` and `hand_made_run` in conftest.py).
 """
 
 from __future__ import annotations
 
-import gzip
 import io
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,13 +20,12 @@ import lightning as L
 import numpy as np
 import pytest
 import sentencepiece as spm
-import tiny_corpus
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from wandb_records import offline_runs
 
-from data import Tokenizer, prepare_dataset
+from data import Tokenizer
 from modules.attention_maps import KINDS, attention_modules, collect_attention, keeping_attention_weights
 from modules.config import TransformerConfig
 from modules.lightning import TranslationModule
@@ -35,28 +35,16 @@ from pipeline import cli
 from pipeline.attention import attention_figures, sentence_attention, slug, write_attention
 from pipeline.callbacks import AttentionMaps
 from pipeline.config import load_config
+from pipeline.evaluate import load_model
 
-VOCAB = 100
-TINY = ["model.n_layers=2", "model.d_model=32", "model.d_ff=64", "model.n_heads=2", f"model.vocab_size={VOCAB}"]
+VOCAB = 400  # tests/tiny_run.py's model.vocab_size, the BPE size of data=tiny
 SOURCE, TARGET = "two red dogs run", "zwei rote Hunde laufen"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """data=tiny pointed at the made-up corpus (train: tiny_corpus.train, valid/test: tiny_corpus.valid), prepared
-    with a 100-piece BPE model."""
-    root = tmp_path_factory.mktemp("attention")
-    folder = root / "corpora" / "multi30k"  # the file names conf/data/tiny.yaml reads
-    folder.mkdir(parents=True)
-    for name, pairs in (("val", tiny_corpus.train), ("test_2016_flickr", tiny_corpus.valid)):
-        for side, lang in enumerate(("en", "de")):
-            with gzip.open(folder / f"{name}.{lang}.gz", "wt", encoding="utf-8") as f:
-                f.writelines(pair[side] + "\n" for pair in pairs)
-    overrides = [*TINY, "data=tiny", f"data.vocab_size={VOCAB}", f"paths.corpora_dir={folder.parent}"]
-    overrides += [f"paths.output_dir={root / 'out'}"]
-    cfg = load_config(overrides)
-    dataset_dir = prepare_dataset(cfg.data, root / "out")
-    return {"root": root, "overrides": overrides, "cfg": cfg, "spm": dataset_dir / "spm.model"}
+def spm_model(tiny: dict) -> Path:
+    """The BPE model of the session's prepared data=tiny."""
+    return tiny["dataset_dir"] / "spm.model"
 
 
 def _model(seed: int = 0, **cfg) -> Transformer:
@@ -150,19 +138,19 @@ def _pieces(spm_model: Path, text: str) -> list[str]:
     return spm.SentencePieceProcessor(model_file=str(spm_model)).encode(text, out_type=str)
 
 
-def test_figures_draw_the_weights_with_the_pieces_on_the_axes(tiny: dict, tmp_path: Path):
+def test_figures_draw_the_weights_with_the_pieces_on_the_axes(spm_model: Path, tmp_path: Path):
     """Five heads (a second row of panels): each panel's image array is that head's weights, the first column is
     labelled with the query pieces, the panels with nothing below them with the key pieces; the files written are
     one PNG per kind and layer, of the figure's size, and weights.npz holds the same arrays."""
-    tokenizer = Tokenizer(tiny["spm"])
+    tokenizer = Tokenizer(spm_model)
     model = _model(seed=1, d_model=20, n_heads=5).eval()
     att = sentence_attention(model, tokenizer, SOURCE, target=TARGET)
-    src_pieces = [*_pieces(tiny["spm"], SOURCE), "<eos>"]
-    tgt_pieces = ["<bos>", *_pieces(tiny["spm"], TARGET)]
+    src_pieces = [*_pieces(spm_model, SOURCE), "<eos>"]
+    tgt_pieces = ["<bos>", *_pieces(spm_model, TARGET)]
     assert att.src_pieces == src_pieces and att.tgt_pieces == tgt_pieces and not att.greedy
     assert len(src_pieces) > 4 and len(tgt_pieces) > 4  # several pieces: the checks below can tell them apart
     # The maps are those of a teacher-forced pass over exactly these ids.
-    sp = spm.SentencePieceProcessor(model_file=str(tiny["spm"]))
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
     src_ids, tgt_in_ids = [*sp.encode(SOURCE), 3], [2, *sp.encode(TARGET)]
     assert (att.src_ids, att.tgt_in_ids) == (src_ids, tgt_in_ids)
     reference = collect_attention(model, torch.tensor([src_ids]), torch.tensor([tgt_in_ids]))
@@ -200,8 +188,8 @@ def test_figures_draw_the_weights_with_the_pieces_on_the_axes(tiny: dict, tmp_pa
     assert saved["tgt_in_ids"].tolist() == tgt_in_ids and str(saved["target"]) == TARGET
 
 
-def test_without_a_target_the_greedy_translation_is_drawn(tiny: dict):
-    tokenizer = Tokenizer(tiny["spm"])
+def test_without_a_target_the_greedy_translation_is_drawn(spm_model: Path):
+    tokenizer = Tokenizer(spm_model)
     model = _model(seed=2).eval()
     att = sentence_attention(model, tokenizer, SOURCE, max_extra=6)
     src = torch.tensor([att.src_ids])
@@ -210,34 +198,25 @@ def test_without_a_target_the_greedy_translation_is_drawn(tiny: dict):
     assert [w.shape[-2] for w in att.maps["cross"]] == [len(hyp) + 1] * 2
 
 
-def _checkpoint(cfg, path: Path, seed: int = 0) -> TranslationModule:
-    """A seeded, untrained module saved in Lightning's checkpoint layout (what evaluate's load_model reads)."""
-    torch.manual_seed(seed)
-    module = TranslationModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True), optim=OmegaConf.to_container(cfg.optim, resolve=True)
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = {"global_step": 7, "state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    torch.save({**checkpoint, "epoch": 0, "pytorch-lightning_version": L.__version__}, path)
-    return module
-
-
-def test_cli_attention_writes_the_figures_and_weights(tiny: dict, capsys: pytest.CaptureFixture, tmp_path: Path):
-    run = tiny["root"] / "run"
-    module = _checkpoint(tiny["cfg"], run / "checkpoints" / "last.ckpt")
+def test_cli_attention_writes_the_figures_and_weights(
+    tiny: dict, hand_made_run: dict, spm_model: Path, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    run = tmp_path / "run"  # a run folder with only the hand-made step-300 checkpoint, as last.ckpt
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(hand_made_run["run"] / "checkpoints" / "step0000300.ckpt", run / "checkpoints" / "last.ckpt")
     sentence = "Two red dogs, running."  # punctuation and spaces: one argument, never parsed as an override
     cli.main(["attention", sentence, f"run.dir={run}", *tiny["overrides"], "evaluate.max_extra=4"])
     out = capsys.readouterr().out.strip().splitlines()
     folder = run / "attention" / slug(sentence)
     expected = [folder / f"{k}-layer{n}.png" for k in KINDS for n in (1, 2)] + [folder / "weights.npz"]
     assert out[-7:] == [str(p) for p in expected] and all(p.is_file() for p in expected)
-    assert out[0] == f"SRC {sentence}" and out[1].startswith("HYP ") and "last.ckpt (step 7)" in out[2]
+    assert out[0] == f"SRC {sentence}" and out[1].startswith("HYP ") and "last.ckpt (step 300)" in out[2]
     # The weights are the checkpoint's model's, for the greedy translation it printed.
     saved = np.load(expected[-1])
-    model = module.model.eval()
+    model, _ = load_model(run / "checkpoints" / "last.ckpt")
     src, tgt_in = torch.tensor([saved["src_ids"].tolist()]), torch.tensor([saved["tgt_in_ids"].tolist()])
     (hyp,) = greedy_search(model, src, 2, 3, max_extra=4)
-    assert saved["tgt_in_ids"].tolist() == [2, *hyp] and out[1] == f"HYP {saved['target']}"
+    assert len(hyp) > 1 and saved["tgt_in_ids"].tolist() == [2, *hyp] and out[1] == f"HYP {saved['target']}"
     maps = collect_attention(model, src, tgt_in)
     np.testing.assert_allclose(saved["cross.layer2"], maps["cross"][1][0].numpy(), rtol=1e-6, atol=1e-7)
 
@@ -248,7 +227,7 @@ def test_cli_attention_writes_the_figures_and_weights(tiny: dict, capsys: pytest
     out = capsys.readouterr().out.strip().splitlines()
     assert out[1] == f"TGT {TARGET}" and out[-1] == str(out_dir / "weights.npz")
     saved = np.load(out_dir / "weights.npz")
-    assert saved["tgt_pieces"].tolist() == ["<bos>", *_pieces(tiny["spm"], TARGET)]
+    assert saved["tgt_pieces"].tolist() == ["<bos>", *_pieces(spm_model, TARGET)]
     assert len(list(out_dir.glob("*.png"))) == 6
 
     # The sentence in an override's place: a one-line error that says the order.
@@ -258,7 +237,7 @@ def test_cli_attention_writes_the_figures_and_weights(tiny: dict, capsys: pytest
     assert 'the sentence comes first, quoted: aiayn attention "<sentence>"' in capsys.readouterr().err
 
 
-def test_validation_logs_the_attention_images_to_wandb(tiny: dict, monkeypatch: pytest.MonkeyPatch):
+def test_validation_logs_the_attention_images_to_wandb(tiny: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """`aiayn train`'s trainer (pipeline/train.py build_trainer) on the tiny data, 2 steps with a validation after
     each and a sanity check before: the offline W&B run holds val/attention/<kind> at steps 1 and 2 only, one image
     per layer, and the last ones are the figures of the first validation pair under the final weights."""
@@ -268,7 +247,7 @@ def test_validation_logs_the_attention_images_to_wandb(tiny: dict, monkeypatch: 
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
-    run = tiny["root"] / "fit"
+    run = tmp_path / "fit"
     overrides = [*tiny["overrides"], f"run.dir={run}", "trainer.max_steps=2", "trainer.val_check_interval=1"]
     overrides += ["trainer.num_sanity_val_steps=1", "trainer.limit_val_batches=1", "trainer.precision=32-true"]
     overrides += ["trainer.enable_progress_bar=false", "run.n_samples=0", "run.val_bleu_sentences=0"]
@@ -283,7 +262,7 @@ def test_validation_logs_the_attention_images_to_wandb(tiny: dict, monkeypatch: 
     finish_wandb()
 
     (wandb_run,) = offline_runs(run)
-    source, reference = tiny_corpus.valid[0]
+    ((source, reference),) = datamodule.valid_examples(1)
     att = sentence_attention(module.model, datamodule.tokenizer, source, target=reference)
     for kind in KINDS:
         rows = [row for row in wandb_run.history if f"val/attention/{kind}" in row]

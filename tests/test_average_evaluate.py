@@ -2,8 +2,9 @@
 random weights saved in Lightning's checkpoint layout) instead of trained, and data=tiny is cut to 40 test pairs.
 
 References are independent of the code under test: the mean is torch.stack(...).mean(0) over the checkpoints'
-own tensors; BLEU and chrF come from sacrebleu's command line on the files evaluate wrote; the hypotheses from
-translating raw sentences one at a time with TranslationModule.translate; the references from the corpus file.
+own tensors; BLEU and chrF come from sacrebleu's command line (its entry point, run in a forked process) on the
+files evaluate wrote; the hypotheses from translating raw sentences one at a time with
+TranslationModule.translate; the references from the corpus file.
 """
 
 from __future__ import annotations
@@ -100,11 +101,33 @@ def test_average_without_run_dir_names_the_key(tiny: dict, capsys: pytest.Captur
         average_run(tiny["root"] / "empty", last_n=5)
 
 
+def _sacrebleu_main(argv: list[str], out: Path) -> None:
+    """In a forked child: sacrebleu's command-line entry point (what the `sacrebleu` command runs) with argv, its
+    stdout into `out`."""
+    import os
+
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.close(fd)
+    sys.argv = ["sacrebleu", *argv]
+    from sacrebleu.sacrebleu import main
+
+    main()  # ends with sys.exit(0)
+
+
+def _sacrebleu_command_line(argv: list[str], folder: Path) -> list[dict] | dict:
+    """The JSON `sacrebleu <argv>` prints, run by sacrebleu's own command-line code in a process forked from this
+    one (tests/forked.py: no new interpreter to start)."""
+    out, log = folder / "sacrebleu.json", folder / "sacrebleu.log"
+    (code,) = forked.wait_all([forked.Child(_sacrebleu_main, (argv, out), forked.clean_env(), log)], timeout=300)
+    assert code == 0, log.read_text()
+    return json.loads(out.read_text())
+
+
 def _sacrebleu_cli(ref: Path, hyp: Path) -> dict[str, float]:
-    """sacrebleu's own command line on the files: {"BLEU": score, "chrF2": score}, 4 decimals."""
-    cmd = [sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-m", "bleu", "chrf", "-w", "4"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return {entry["name"]: entry["score"] for entry in json.loads(out)}
+    """`sacrebleu ref -i hyp -m bleu chrf -w 4` on the files: {"BLEU": score, "chrF2": score}."""
+    out = _sacrebleu_command_line([str(ref), "-i", str(hyp), "-m", "bleu", "chrf", "-w", "4"], ref.parent)
+    return {entry["name"]: entry["score"] for entry in out}
 
 
 def _get_ende_bleu(ref: Path, hyp: Path) -> dict:
@@ -119,9 +142,8 @@ def _get_ende_bleu(ref: Path, hyp: Path) -> dict:
         perl = ["perl", "-ple", r"s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g"]
         split = subprocess.run(perl, input=tokenized.encode(), capture_output=True, check=True).stdout
         path.with_suffix(".atat").write_bytes(split)
-    cmd = [sys.executable, "-m", "sacrebleu", str(ref.with_suffix(".atat")), "-i", str(hyp.with_suffix(".atat"))]
-    cmd += ["-m", "bleu", "-tok", "none", "-s", "none", "--force", "-w", "4"]
-    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    argv = [str(ref.with_suffix(".atat")), "-i", str(hyp.with_suffix(".atat"))]
+    out = _sacrebleu_command_line([*argv, "-m", "bleu", "-tok", "none", "-s", "none", "--force", "-w", "4"], ref.parent)
     return out[0] if isinstance(out, list) else out
 
 
@@ -196,20 +218,30 @@ def test_evaluate_scores_like_the_sacrebleu_command_line(
     assert hyps[:8] == [module.translate([s], tokenizer, beam=4, alpha=0.6)[0] for s in sources[:8]]
     assert len({len(h) for h in hyps}) > 1  # not one repeated string: the check above can tell sentences apart
 
-    # evaluate.nbest=3: each sentence's 3 best, best first, in eval-test.nbest.txt; the first is the hypothesis.
-    cli.main(["evaluate", *overrides, "evaluate.nbest=3"])
+    # evaluate.nbest=3: each sentence's 3 best, best first, in eval-test.nbest.txt; the first is the hypothesis,
+    # the same as with nbest=1 (a search kept going for more finished hypotheses finds none better than the best).
+    no_wandb = "logger.wandb.enabled=false"
+    cli.main(["evaluate", *overrides, "evaluate.nbest=3", no_wandb])
     result = json.loads((run / "eval-test.json").read_text())
     assert result["decoding"]["nbest"] == 3 and result["files"]["nbest"] == "eval-test.nbest.txt"
     rows = [line.split("\t") for line in (run / "eval-test.nbest.txt").read_text(encoding="utf-8").splitlines()]
-    hyps = hyp_file.read_text(encoding="utf-8").splitlines()
+    assert hyp_file.read_text(encoding="utf-8").splitlines() == hyps
     for i in range(N_TEST):
         mine = [row for row in rows if row[0] == str(i)]
         assert len(mine) == 3 and mine[0][3] == hyps[i]
         scores = [float(row[1]) for row in mine]
         assert scores == sorted(scores, reverse=True) and all(float(row[2]) <= float(row[1]) for row in mine)
     assert [int(row[0]) for row in rows] == sorted(int(row[0]) for row in rows)
-    cli.main(["evaluate", *overrides])  # back to nbest=1: the n-best list of another decoding is removed
+
+    # evaluate.beam=1 is greedy search (TranslationModule.translate's greedy_search); the n-best list of the
+    # earlier decoding is removed.
+    cli.main(["evaluate", *overrides, "evaluate.beam=1", no_wandb])
+    result = json.loads((run / "eval-test.json").read_text())
+    assert result["decoding"] == {"search": "greedy", "max_extra": 50, "max_tokens": 200, "device": "cpu"}
     assert not (run / "eval-test.nbest.txt").exists()
+    greedy = hyp_file.read_text(encoding="utf-8").splitlines()
+    assert greedy[:4] == [module.translate([s], tokenizer, beam=1)[0] for s in sources[:4]]
+    assert greedy != hyps  # beam search found other translations: the checks above can tell the two apart
     capsys.readouterr()
 
 

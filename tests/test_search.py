@@ -70,6 +70,39 @@ def _unpadded(src: torch.Tensor, row: int) -> torch.Tensor:
     return src[row][src[row].ne(PAD)]
 
 
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_cached_steps_with_reordered_beams_equal_full_recomputation(norm: str) -> None:
+    """What beam search does to the cache, checked logit by logit: rows are expanded to 2 beams per sentence, then
+    at every step each beam continues a random beam of its own sentence (only the self-attention cache is
+    reordered; the encoder-decoder keys/values of a sentence are the same for all its beams). At every step the
+    newest token's logits equal the whole model run teacher-forced over each row's full prefix."""
+    vocab = 12
+    model = _model(5, vocab=vocab, norm=norm)
+    src = _sources([3, 7, 5], vocab=vocab, seed=5)  # (3, 7)
+    generator = torch.Generator().manual_seed(5)
+    memory, src_bias = model.encode(src)
+    cache = model.new_cache()
+    rows = torch.arange(3)  # each decoder row's sentence
+    prefix = torch.full((3, 1), BOS)  # (rows, step + 1)
+    with torch.no_grad():
+        for step in range(6):
+            logits = model.decode(prefix[:, -1:], memory, src_bias, cache, start=step)[:, 0]  # (rows, vocab)
+            full = model(src.index_select(0, rows), prefix)[:, -1]  # (rows, vocab)
+            torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+            if step == 0:  # one row per sentence -> 2 beams each: everything is copied
+                order = torch.arange(3).repeat_interleave(2)  # (6,)
+                memory, src_bias = memory.index_select(0, order), src_bias.index_select(0, order)
+                Transformer.reorder_cache(cache, order)
+                rows = rows.index_select(0, order)
+            else:  # beam b of sentence s continues beam parent[s, b] of the same sentence
+                parent = torch.randint(0, 2, (3, 2), generator=generator)
+                order = (torch.arange(3)[:, None] * 2 + parent).flatten()  # (6,)
+                Transformer.reorder_cache(cache, order, ("self",))
+            tokens = torch.randint(4, vocab, (order.numel(), 1), generator=generator)
+            prefix = torch.cat([prefix.index_select(0, order), tokens], dim=1)
+    assert torch.unique(prefix, dim=0).size(0) > 3  # the beams of a sentence did go different ways
+
+
 def test_beam_of_one_is_greedy_search() -> None:
     """With α = 0, a 1-wide beam ends exactly where greedy search does: it finishes a hypothesis only when <eos>
     is the best next token (greedy's hypothesis), and its live hypothesis, prefix + a less likely token, cannot

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import cli
 
@@ -47,6 +49,7 @@ def run(hand_made_run: dict, tiny: dict, tmp_path_factory: pytest.TempPathFactor
         "sources": sources,
         "file": source_file,
         "hyps": hyps,
+        "dataset_dir": Path(json.loads((folder / "eval-test.json").read_text())["dataset_dir"]),
     }
 
 
@@ -92,6 +95,36 @@ def test_translate_interactive_prompt(run: dict, capsys: pytest.CaptureFixture, 
     assert captured.err.count("> ") == 3 and "Ctrl-D" in captured.err  # a prompt per line, and one at the end
 
 
+def test_translate_nbest_and_greedy(run: dict, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    """translate.nbest=3: three `index TAB score TAB translation` lines per input line, best first, the first one
+    the 1-best translation (evaluate's, beam 4); translate.beam=1: greedy search, as modules/search.py gives it for
+    the same source ids."""
+    from data import Tokenizer
+    from modules.search import greedy_search
+    from pipeline.evaluate import load_model
+
+    s, h = run["sources"], run["hyps"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{s[7]}\n{s[8]}\n"))
+    cli.main(["translate", *run["overrides"], "translate.nbest=3"])
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [row[0] for row in rows] == ["0"] * 3 + ["1"] * 3
+    for index, mine in enumerate((rows[:3], rows[3:])):
+        assert mine[0][2] == h[7 + index]
+        scores = [float(row[1]) for row in mine]
+        assert scores == sorted(scores, reverse=True) and all(score < 0 for score in scores)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{s[7]}\n{s[8]}\n"))
+    cli.main(["translate", *run["overrides"], "translate.beam=1"])
+    out = capsys.readouterr().out.splitlines()
+    model, _ = load_model(run["checkpoint"])
+    tokenizer = Tokenizer(run["dataset_dir"] / "spm.model")
+    expected = []
+    for sentence in s[7:9]:
+        src = torch.tensor([[*tokenizer.encode([sentence])[0], tokenizer.eos_id]])  # (1, src_len)
+        expected += tokenizer.decode(greedy_search(model, src, tokenizer.bos_id, tokenizer.eos_id, max_extra=50))
+    assert out == expected
+
+
 def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
@@ -112,3 +145,5 @@ def test_translate_errors_name_the_key(run: dict, tiny: dict, tmp_path: Path, ca
     assert f"translate.checkpoint=missing.ckpt: not found (also not in {run['dir']})" in err
     err = _error(["translate", *run["overrides"], f"translate.input={tmp_path / 'none.en'}"], capsys)
     assert f"translate.input={tmp_path / 'none.en'}: no such file" in err
+    err = _error(["translate", *run["overrides"], f"translate.input={run['file']}", "translate.nbest=5"], capsys)
+    assert "translate.nbest=5: must be between 1 and translate.beam=4" in err

@@ -1,6 +1,7 @@
-"""A tiny trained-looking run for the stages after training (`aiayn average`, `evaluate`, `translate`): data=tiny
-(Multi30k val as training text) with its test split cut to the first N_TEST pairs, prepared, and checkpoints made
-by hand (snapshots of a short fit, saved in Lightning's checkpoint layout) instead of trained.
+"""A tiny trained-looking run for the stages after training (`aiayn average`, `evaluate`, `translate`,
+`attention`): data=tiny (Multi30k val as training text) with its test split cut to the first N_TEST pairs,
+prepared, and checkpoints made by hand (snapshots of a short fit, saved in Lightning's checkpoint layout) instead
+of trained.
 
 The fixtures `tiny` and `hand_made_run` (tests/conftest.py) build them once per test session.
 """
@@ -37,8 +38,8 @@ def make_tiny(root: Path, corpora_dir: Path) -> dict:
             f.writelines(lines)
     overrides = [*TINY_MODEL, "data=tiny", f"paths.corpora_dir={corpora.parent}", f"paths.output_dir={root / 'out'}"]
     cfg = load_config(overrides)
-    prepare_dataset(cfg.data, root / "out")
-    return {"root": root, "overrides": overrides, "cfg": cfg, "corpora": corpora}
+    dataset_dir = prepare_dataset(cfg.data, root / "out")
+    return {"root": root, "overrides": overrides, "cfg": cfg, "corpora": corpora, "dataset_dir": dataset_dir}
 
 
 def new_module(cfg, seed: int) -> TranslationModule:
