@@ -42,7 +42,7 @@ def load_average() -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint file, averaged.ckpt or folder")
     parser.add_argument("--split", default="test", help="a prepared split of the data config (default: test)")
     parser.add_argument("--sentences", type=int, default=1000, help="the split's first N sentences (default 1000)")
