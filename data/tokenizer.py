@@ -118,6 +118,13 @@ class Tokenizer:
             texts.append(self.sp.decode(ids))
         return texts
 
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        """Ids -> their BPE pieces, one per id ('▁A', '▁man', 'n', ...; '▁' marks a word start): the axis labels
+        of attention maps. The special ids read <bos>, <eos>, <pad>, <unk> (SentencePiece's own '<s>', '</s>'
+        are less telling)."""
+        specials = {self.bos_id: "<bos>", self.eos_id: "<eos>", self.pad_id: "<pad>", self.unk_id: "<unk>"}
+        return [specials.get(int(i)) or self.sp.id_to_piece(int(i)) for i in ids]
+
     @cached_property
     def sha256(self) -> str:
         """Fingerprint of the model file: a checkpoint records it, so ids are never read with another vocab."""

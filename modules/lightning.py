@@ -1,5 +1,6 @@
 """The training recipe of section 5 around the model: loss, optimizer, schedule, metrics, sample translations,
-validation BLEU (section 6.1 reports BLEU; here greedy, on a few validation sentences, to watch it rise)."""
+validation BLEU (section 6.1 reports BLEU of beam search on the test set; here greedy or a small beam, on a few
+validation sentences, to watch it rise)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sacrebleu
 import torch
 from torchmetrics import MeanMetric
 
+from modules.beam import beam_search
 from modules.config import TransformerConfig
 from modules.loss import LabelSmoothedCrossEntropy
 from modules.schedule import inverse_sqrt_scheduler
@@ -25,16 +27,23 @@ class TranslationModule(L.LightningModule):
       target token weighs the same whatever the batch's shape (see `loss_scale`).
     - Optimizer: Adam with β1 = 0.9, β2 = 0.98, ε = 1e-9 (section 5.3).
     - Learning rate: Eq. 3, warmup then inverse square root, updated every step.
-    - Validation: token-weighted loss and perplexity; greedy translations of the first `n_samples` validation
-      sentences (printed, and logged as a table); sacreBLEU of greedy translations of the first `bleu_sentences`
-      (0: none) as `val/bleu`.
+    - Validation: token-weighted loss and perplexity; translations of the first `n_samples` validation
+      sentences (printed, and logged as a table); sacreBLEU of translations of the first `bleu_sentences`
+      (0: none) as `val/bleu`. Translations are greedy (`val_beam` 1) or beam search with beam `val_beam` and
+      length penalty `val_alpha` (modules/beam.py).
     Batches are dicts from data.collate_pairs: src, tgt_in, tgt_out (each (batch, len)) and token counts.
     """
 
-    TRANSLATE_BATCH = 64  # sentences greedy-decoded at once during validation
+    TRANSLATE_BATCH = 64  # sentences decoded at once during validation
 
     def __init__(
-        self, model: dict[str, Any], optim: dict[str, Any], n_samples: int = 3, bleu_sentences: int = 0
+        self,
+        model: dict[str, Any],
+        optim: dict[str, Any],
+        n_samples: int = 3,
+        bleu_sentences: int = 0,
+        val_beam: int = 1,
+        val_alpha: float = 0.6,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -44,6 +53,9 @@ class TranslationModule(L.LightningModule):
         self.criterion = LabelSmoothedCrossEntropy(self.optim_cfg["label_smoothing"], self.model_cfg.pad_id)
         self.n_samples = n_samples
         self.bleu_sentences = bleu_sentences
+        if val_beam < 1:
+            raise ValueError(f"run.val_beam={val_beam}: the beam size must be at least 1 (1 is greedy search)")
+        self.val_beam, self.val_alpha = val_beam, val_alpha
         self.val_loss = MeanMetric()  # weighted by target tokens
         self.val_nll = MeanMetric()
         self.samples: list[tuple[str, str, str]] = []  # (source, reference, hypothesis) of the last validation
@@ -110,7 +122,8 @@ class TranslationModule(L.LightningModule):
             _, refs, hyps = zip(*translations[: self.bleu_sentences], strict=True)
             self.log("val/bleu", sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score, sync_dist=False)
         if self.samples:
-            self.print(f"\nstep {self.global_step}: greedy translations of validation sentences")
+            search = "greedy" if self.val_beam == 1 else f"beam-{self.val_beam}"
+            self.print(f"\nstep {self.global_step}: {search} translations of validation sentences")
             for src, ref, hyp in self.samples:
                 self.print(f"  SRC {src}\n  REF {ref}\n  HYP {hyp}")
             for logger in self.loggers:  # W&B shows a table per validation; loggers without tables skip it
@@ -123,7 +136,7 @@ class TranslationModule(L.LightningModule):
                     )
 
     def translate_validation(self, n: int) -> list[tuple[str, str, str]]:
-        """(source, reference, greedy hypothesis) of the first n validation sentences, in corpus order."""
+        """(source, reference, hypothesis) of the first n validation sentences, in corpus order."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if n <= 0 or datamodule is None or not hasattr(datamodule, "valid_examples"):
             return []
@@ -135,15 +148,25 @@ class TranslationModule(L.LightningModule):
         return [(src, ref, hyp) for (src, ref), hyp in zip(pairs, hyps, strict=True)]
 
     @torch.no_grad()
-    def translate(self, sentences: list[str], tokenizer: Any) -> list[str]:
-        """Greedy-decode raw sentences with a data.Tokenizer (source gets <eos> appended, as in training)."""
+    def translate(
+        self, sentences: list[str], tokenizer: Any, beam: int | None = None, alpha: float | None = None
+    ) -> list[str]:
+        """Translate raw sentences with a data.Tokenizer (source gets <eos> appended, as in training): greedy search
+        for beam 1, else beam search with length penalty alpha (defaults: val_beam, val_alpha)."""
+        beam = self.val_beam if beam is None else beam
+        alpha = self.val_alpha if alpha is None else alpha
         ids = [s + [tokenizer.eos_id] for s in tokenizer.encode(sentences)]
         src = torch.full((len(ids), max(map(len, ids))), tokenizer.pad_id, dtype=torch.long)
         for row, seq in enumerate(ids):
             src[row, : len(seq)] = torch.tensor(seq)
         was_training = self.model.training
         self.model.eval()
-        hyps = greedy_search(self.model, src.to(self.device), tokenizer.bos_id, tokenizer.eos_id)
+        src = src.to(self.device)
+        if beam == 1:
+            hyps = greedy_search(self.model, src, tokenizer.bos_id, tokenizer.eos_id)
+        else:
+            best = beam_search(self.model, src, tokenizer.bos_id, tokenizer.eos_id, beam_size=beam, alpha=alpha)
+            hyps = [hypotheses[0].tokens for hypotheses in best]
         self.model.train(was_training)
         return tokenizer.decode(hyps)
 

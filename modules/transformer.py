@@ -145,12 +145,18 @@ class Transformer(nn.Module):
         return [{"self": {}, "cross": {}} for _ in self.decoder.layers]
 
     @staticmethod
-    def reorder_cache(cache: DecoderCache, order: torch.Tensor) -> DecoderCache:
-        """Select/reorder the batch rows of every cached tensor (used when beams are pruned)."""
+    def reorder_cache(
+        cache: DecoderCache, order: torch.Tensor, kinds: tuple[str, ...] = ("self", "cross")
+    ) -> DecoderCache:
+        """Select/reorder the batch rows of the cached tensors of `kinds` (used when beams are pruned).
+
+        order: (new_rows,) row indices into the current rows. Beam search reorders only "self" while the rows stay
+        the same sentences' beams: the encoder-decoder keys/values of a sentence are the same for all its beams.
+        """
         for layer in cache:
-            for kind in layer.values():
-                for key in kind:
-                    kind[key] = kind[key].index_select(0, order)
+            for kind in kinds:
+                for key, tensor in layer[kind].items():
+                    layer[kind][key] = tensor.index_select(0, order)
         return cache
 
     def parameter_counts(self) -> dict[str, int]:

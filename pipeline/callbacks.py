@@ -198,3 +198,44 @@ def process_memory() -> dict[str, float]:
 def _kib(field: str) -> float:
     """'  123456 kB' -> bytes."""
     return float(field.split()[0]) * 1024
+
+
+class AttentionMaps(L.Callback):
+    """At each validation (not the sanity check), the attention maps of the first validation sentence, logged to
+    W&B as images: `val/attention/<kind>` (encoder_self, decoder_self, cross), one image per layer, one heatmap per
+    head. They are the figures `aiayn attention` draws (pipeline/attention.py), of the source read with its
+    reference translation as the decoder's input (teacher forcing, as the validation loss reads it): the same
+    sentence and target at every step, so the panels of successive validations show the attention forming.
+
+    Only with a W&B logger. The forward pass runs on every rank (under ZeRO-3 each forward gathers parameters
+    from all ranks, so one rank alone would wait forever); only global rank 0 draws and logs.
+    """
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        datamodule = getattr(trainer, "datamodule", None)
+        if not loggers or datamodule is None or not hasattr(datamodule, "valid_examples"):
+            return
+        examples = datamodule.valid_examples(1)
+        if not examples:
+            return
+        from pipeline.attention import attention_figures, sentence_attention
+
+        (source, reference) = examples[0]
+        att = sentence_attention(pl_module.model, datamodule.tokenizer, source, target=reference)
+        if not trainer.is_global_zero:
+            return
+        images: dict[str, list] = {}
+        captions: dict[str, list[str]] = {}
+        for kind, layer, fig in attention_figures(att):
+            images.setdefault(kind, []).append(fig)
+            captions.setdefault(kind, []).append(f"layer {layer} | {source} -> {reference}")
+        for logger in loggers:
+            for kind, figures in images.items():
+                logger.log_image(
+                    key=f"val/attention/{kind}", images=figures, step=trainer.global_step, caption=captions[kind]
+                )

@@ -6,7 +6,15 @@
     aiayn params  [overrides...]      print the model's parameter count as JSON
     aiayn plan    [overrides...]      FLOPs, batch layout, memory per GPU (ZeRO 0-3) and time of the configured run
     aiayn average  run.dir=<run> [overrides...]   mean of the newest average.last_n checkpoints -> <run>/averaged.ckpt
-    aiayn evaluate run.dir=<run> [overrides...]   translate evaluate.split, BLEU and chrF -> <run>/eval-<split>.json
+    aiayn evaluate run.dir=<run> [overrides...]   translate evaluate.split; sacreBLEU, chrF and the paper's tokenized
+                                      BLEU -> <run>/eval-<split>.json (and the W&B run's summary)
+    aiayn translate run.dir=<run> [translate.input=<file>] [overrides...]
+                                      translate a file, stdin, or lines typed at a prompt with the run's model;
+                                      translate.nbest > 1: `<index> TAB <score> TAB <translation>` lines
+    aiayn attention "<sentence>" [--target "<translation>"] run.dir=<run> [overrides...]
+                                      attention heatmaps of every layer and head for one sentence (greedy
+                                      translation, or --target) -> <run>/attention/<slug>/*.png, weights.npz
+                                      (pipeline/attention.py)
     aiayn config  [overrides...]      print the resolved config
     aiayn submit [--dry-run] cluster=slurm [overrides...]
                                       submit `aiayn train` as a SLURM job with submitit: cluster.nodes x
@@ -18,11 +26,14 @@
                                       (pipeline/stages.py)
 
 Overrides are Hydra's: `model=base`, `trainer.max_steps=50`, `data.max_tokens=2048`, ...
+Sentences are not overrides (Hydra's grammar gives commas, quotes and brackets a meaning): `aiayn attention` takes
+its sentence as the first argument, quoted once for the shell, and a target as --target.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -118,6 +129,18 @@ def _evaluate(cfg) -> None:
     main(cfg)
 
 
+def _translate(cfg) -> None:
+    from pipeline.translate import main
+
+    main(cfg)
+
+
+def _attention(cfg, sentence: str, target: str | None) -> None:
+    from pipeline.attention import main
+
+    main(cfg, sentence, target)
+
+
 def _config(cfg) -> None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -129,13 +152,19 @@ COMMANDS = {
     "params": (_params, "print trainable parameter counts as one JSON line"),
     "plan": (_plan, "FLOPs per token, batch layout, memory per GPU for ZeRO 0-3, step and wall time, GPU-hours"),
     "average": (_average, "average the newest average.last_n checkpoints of run.dir into <run.dir>/averaged.ckpt"),
-    "evaluate": (_evaluate, "translate evaluate.split with a run's model; BLEU and chrF with sacrebleu"),
+    "evaluate": (_evaluate, "beam-search evaluate.split with a run's model; sacreBLEU, chrF and the paper's BLEU"),
+    "translate": (_translate, "translate text (translate.input: a file, stdin, or a prompt) with a run's model"),
+    "attention": (_attention, "heatmaps of every layer's attention weights for one sentence, in run.dir/attention/"),
     "config": (_config, "print the resolved configuration"),
     "submit": (_submit, "submit `aiayn train` as a SLURM job (cluster=slurm); --dry-run prints the sbatch script"),
     "run": (_run, "the stage graph prepare -> train -> average -> evaluate: SLURM jobs chained by afterok, or here"),
 }
 # Commands that also get the raw overrides (to pass on to their jobs) and the --dry-run flag.
 JOB_COMMANDS = ("submit", "run")
+# Commands that take a sentence (first positional argument, before the overrides) and a --target translation.
+SENTENCE_COMMANDS = ("attention",)
+# What an override looks like (key=value, +key=value, ~key=value): in the sentence's place, a misplaced sentence.
+OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,11 +182,26 @@ def main(argv: list[str] | None = None) -> None:
                 dest="action", required=True, metavar="ACTION"
             )
         cmd = (groups[group] if group else sub).add_parser(action, help=help_text)
+        if action in SENTENCE_COMMANDS:
+            cmd.add_argument("sentence", help='the source sentence, quoted: "A man rides a bike."')
+            cmd.add_argument("--target", help="the target side to draw (default: the model's greedy translation)")
         cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=base trainer.max_steps=50")
         if action in JOB_COMMANDS:
             cmd.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    # argparse ends a positional list at an option: in `aiayn attention "A man." run.dir=r --target "Ein Mann."
+    # model=base` the last override comes back unrecognized. Overrides after an option are overrides all the same.
+    unknown = [arg for arg in rest if arg.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *rest]
     command = f"{args.command} {args.action}" if getattr(args, "action", None) else args.command
+    if command in SENTENCE_COMMANDS and OVERRIDE.match(args.sentence):
+        parser.exit(
+            2,
+            f'aiayn {command}: the sentence comes first, quoted: aiayn {command} "<sentence>" run.dir=<run> '
+            f"[overrides...] (got the override {args.sentence!r} in its place)\n",
+        )
     try:
         cfg = load_config(args.overrides)
     except ConfigCompositionException as err:  # a bad override: say which, without a Hydra traceback
@@ -166,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     except ClusterConfigError as err:  # cluster and trainer layouts that disagree
         parser.exit(2, f"aiayn {command}: {err}\n")
     extra = {"overrides": list(args.overrides), "dry_run": args.dry_run} if command in JOB_COMMANDS else {}
+    if command in SENTENCE_COMMANDS:
+        extra = {"sentence": args.sentence, "target": args.target}
     try:
         COMMANDS[command][0](cfg, **extra)
     except Exception as err:

@@ -17,6 +17,7 @@ import netrc
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
@@ -74,6 +75,60 @@ def wandb_run_id(cfg: DictConfig, run_dir: Path) -> str:
     job = os.environ.get("SLURM_JOB_ID")
     name = run_dir.name if cfg.run.dir or not job else f"{cfg.run.name}-slurm{job}"
     return re.sub(r"[:;,#?/'\s]", "-", name)  # the characters W&B refuses in a run id
+
+
+# The folders wandb writes under <save dir>/wandb/, one per start of a run: offline-run-<time>-<id> (offline) or
+# run-<time>-<id> (online runs keep a local copy too).
+RUN_FOLDER = re.compile(r"(?:offline-)?run-(?P<time>\d{8}_\d{6})-(?P<id>.+)")
+
+
+def logged_run_id(run_dir: Path) -> str | None:
+    """The id of the newest W&B run written under <run_dir>/wandb/ (the training run's), or None."""
+    found = [m for p in (run_dir / "wandb").glob("*run-*") if p.is_dir() and (m := RUN_FOLDER.fullmatch(p.name))]
+    return max(found, key=lambda m: m["time"])["id"] if found else None
+
+
+def log_run_summary(cfg: DictConfig, run_dir: Path, values: dict[str, Any]) -> str | None:
+    """Put values into the W&B summary of a run folder's run, for a stage after training (`aiayn evaluate`).
+
+    The run is the training run when its id can be found: logger.wandb.id, else the newest run under
+    <run_dir>/wandb/ (wandb_run_id is not enough: a SLURM job's id depends on the job), else wandb_run_id's; it is
+    reopened with resume="allow" (a new run if it never existed). Mode rules as for training (wandb_mode; offline:
+    one more offline-run folder with that id, which `wandb sync` merges). Returns the run id, or None when W&B is off.
+    """
+    wb = cfg.logger.wandb
+    mode = wandb_mode()
+    if not wb.enabled or mode == "disabled":
+        return None
+    import wandb
+
+    found = None if wb.id else logged_run_id(run_dir)
+    run_id = found or wandb_run_id(cfg, run_dir)
+    # A run reopened keeps its name, group, tags and config; a new one gets what training would have given it.
+    new_run = (
+        {}
+        if found
+        else {
+            "name": wb.name or run_dir.name,
+            "group": wandb_group(cfg),
+            "tags": list(wb.tags or []),
+            "config": redact(OmegaConf.to_container(cfg, resolve=True)),
+        }
+    )
+    try:
+        run = wandb.init(
+            project=wb.project,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=mode,
+            settings=wandb.Settings(console="off"),  # no capture of this process's output into the run
+            **new_run,
+        )
+        run.summary.update(values)
+    finally:
+        finish_wandb()
+    return run_id
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:

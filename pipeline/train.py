@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from data import TranslationDataModule
 from modules.lightning import TranslationModule
 from pipeline import preemption
-from pipeline.callbacks import MemoryMonitor, RequeueOnPreemption, RunStart, TokenThroughput
+from pipeline.callbacks import AttentionMaps, MemoryMonitor, RequeueOnPreemption, RunStart, TokenThroughput
 from pipeline.config import output_dir
 from pipeline.loggers import build_loggers, finish_wandb
 from pipeline.plan import accumulation_steps
@@ -75,6 +75,8 @@ def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
         RNGState(),
         checkpoints,
     ]
+    if cfg.run.val_attention_maps:  # images for W&B: it does nothing without a W&B logger
+        callbacks.append(AttentionMaps())
     # Exact resume (pipeline/resume.py): RNG states in the checkpoint, saves only between optimizer updates,
     # checkpoint files renamed into place whole. (DeepSpeed writes its checkpoint folders itself.)
     plugins: list = [] if cfg.strategy.name == "deepspeed" else [AtomicCheckpointIO()]
@@ -128,6 +130,8 @@ def main(cfg: DictConfig) -> dict:
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         n_samples=cfg.run.n_samples,
         bleu_sentences=cfg.run.val_bleu_sentences,
+        val_beam=cfg.run.val_beam,
+        val_alpha=cfg.evaluate.alpha,
     )
     trainer = build_trainer(cfg, directory)
     trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)

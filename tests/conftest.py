@@ -40,6 +40,23 @@ def corpora_dir() -> Path:
     return CORPORA_DIR
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory, corpora_dir: Path) -> dict:
+    """data=tiny with a 40-pair test split, prepared (tests/tiny_run.py). Shared by the test files of the stages
+    after training: a test that changes its folders restores them or works on a copy."""
+    from tiny_run import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny_run"), corpora_dir)
+
+
+@pytest.fixture(scope="session")
+def hand_made_run(tiny: dict) -> dict:
+    """{"run": a run folder with checkpoints/step{100,200,300}.ckpt and last.ckpt, "states": their weights}."""
+    from tiny_run import make_hand_made_run
+
+    return make_hand_made_run(tiny, tiny["root"] / "run")
+
+
 # --- The test process must end when the session ends. -----------------------------------------------------------
 # A CI run once printed "118 passed" and then sat until the CI's time limit killed it: something kept the
 # interpreter alive after the last test (a non-daemon child, which multiprocessing joins at exit, or a non-daemon

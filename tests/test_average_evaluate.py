@@ -2,14 +2,16 @@
 random weights saved in Lightning's checkpoint layout) instead of trained, and data=tiny is cut to 40 test pairs.
 
 References are independent of the code under test: the mean is torch.stack(...).mean(0) over the checkpoints'
-own tensors; BLEU and chrF come from sacrebleu's command line on the files evaluate wrote; the hypotheses from
-translating raw sentences one at a time with TranslationModule.translate; the references from the corpus file.
+own tensors; BLEU and chrF come from sacrebleu's command line (its entry point, run in a forked process) on the
+files evaluate wrote; the hypotheses from translating raw sentences one at a time with
+TranslationModule.translate; the references from the corpus file.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,87 +22,14 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_run import N_TEST, STEPS, new_module, save_checkpoint
+from wandb_records import OfflineRun
 
-from data import prepare_dataset
 from modules.lightning import TranslationModule
 from pipeline import cli
 from pipeline.average import average_run
 from pipeline.config import load_config
 from pipeline.errors import RunFolderError
-
-TINY_MODEL = ["model.n_layers=2", "model.d_model=64", "model.d_ff=128", "model.n_heads=4", "model.vocab_size=400"]
-N_TEST = 40
-STEPS = (100, 200, 300)  # global steps the hand-made checkpoints claim
-SNAPSHOT_EVERY = 20  # Adam steps between them
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, corpora_dir: Path) -> dict:
-    """data=tiny (Multi30k val as training text) with its test split cut to the first N_TEST pairs, prepared."""
-    root = tmp_path_factory.mktemp("average_evaluate")
-    corpora = root / "corpora" / "multi30k"
-    corpora.mkdir(parents=True)
-    for lang in ("en", "de"):
-        shutil.copy(corpora_dir / "multi30k" / f"val.{lang}.gz", corpora / f"val.{lang}.gz")
-        with gzip.open(corpora_dir / "multi30k" / f"test_2016_flickr.{lang}.gz", "rt", encoding="utf-8") as f:
-            lines = [next(f) for _ in range(N_TEST)]
-        with gzip.open(corpora / f"test_2016_flickr.{lang}.gz", "wt", encoding="utf-8") as f:
-            f.writelines(lines)
-    overrides = [*TINY_MODEL, "data=tiny", f"paths.corpora_dir={corpora.parent}", f"paths.output_dir={root / 'out'}"]
-    cfg = load_config(overrides)
-    prepare_dataset(cfg.data, root / "out")
-    return {"root": root, "overrides": overrides, "cfg": cfg, "corpora": corpora}
-
-
-def _module(cfg, seed: int) -> TranslationModule:
-    torch.manual_seed(seed)
-    return TranslationModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True), optim=OmegaConf.to_container(cfg.optim, resolve=True)
-    )
-
-
-def _save(module: TranslationModule, step: int, path: Path) -> None:
-    """The entries Lightning's checkpoint holds that averaging and evaluation read (no optimizer/loop states)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = {
-        "epoch": 0,
-        "global_step": step,
-        "pytorch-lightning_version": L.__version__,
-        "state_dict": module.state_dict(),
-        "hyper_parameters": dict(module.hparams),
-    }
-    torch.save(checkpoint, path)
-
-
-@pytest.fixture(scope="module")
-def hand_made_run(tiny: dict) -> dict:
-    """A run folder as `aiayn train` leaves it: step checkpoints at STEPS and last.ckpt, a copy of the newest.
-
-    The weights are snapshots of a short fit (SNAPSHOT_EVERY Adam steps apart, on the tiny training split), so
-    that the model translates into varied, scoreable German rather than one repeated token.
-    """
-    from data import ShardedPairs, collate_pairs
-    from data.prepare import dataset_dir_for
-
-    run = tiny["root"] / "run"
-    module = _module(tiny["cfg"], 0)
-    train_pairs = ShardedPairs(dataset_dir_for(tiny["cfg"].data, tiny["root"] / "out"), "train")
-    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-9)
-    generator = torch.Generator().manual_seed(0)
-    states = {}
-    for step in range(1, len(STEPS) * SNAPSHOT_EVERY + 1):
-        indices = torch.randint(len(train_pairs), (32,), generator=generator).tolist()
-        batch = collate_pairs([train_pairs[i] for i in indices], pad_id=0, bos_id=2, eos_id=3)
-        loss_sum, _ = module.criterion(module(batch["src"], batch["tgt_in"]), batch["tgt_out"])
-        optimizer.zero_grad()
-        (loss_sum / batch["n_tgt_tokens"]).backward()
-        optimizer.step()
-        if step % SNAPSHOT_EVERY == 0:
-            global_step = STEPS[step // SNAPSHOT_EVERY - 1]
-            _save(module, global_step, run / "checkpoints" / f"step{global_step:07d}.ckpt")
-            states[global_step] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    shutil.copy(run / "checkpoints" / f"step{STEPS[-1]:07d}.ckpt", run / "checkpoints" / "last.ckpt")
-    return {"run": run, "states": states}
 
 
 def _mean(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -126,7 +55,7 @@ def test_average_is_the_mean_of_the_newest_checkpoints(hand_made_run: dict, tiny
         torch.testing.assert_close(saved["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
     # last.ckpt counted once: the step-300 weights weigh 1/3, not 1/2
     assert saved["averaged_from"] == [{"name": f"step{s:07d}.ckpt", "global_step": s} for s in STEPS]
-    assert saved["global_step"] == 300 and saved["hyper_parameters"] == dict(_module(tiny["cfg"], 0).hparams)
+    assert saved["global_step"] == 300 and saved["hyper_parameters"] == dict(new_module(tiny["cfg"], 0).hparams)
     # the tied embeddings (section 3.4) are still one tensor, and Lightning rebuilds the model from the file alone
     sd = saved["state_dict"]
     assert sd["model.encoder.embedding.weight"].data_ptr() == sd["model.decoder.embedding.weight"].data_ptr()
@@ -152,8 +81,8 @@ def test_average_is_the_mean_of_the_newest_checkpoints(hand_made_run: dict, tiny
         torch.testing.assert_close(saved["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
 
     # A newer checkpoint arrives (last.ckpt now holds step 400 and no step file does): it counts.
-    newest = _module(tiny["cfg"], 3)
-    _save(newest, 400, run / "checkpoints" / "last.ckpt")
+    newest = new_module(tiny["cfg"], 3)
+    save_checkpoint(newest, 400, run / "checkpoints" / "last.ckpt")
     average_run(run, last_n=2, log=logs.append)
     saved = _averaged(target)
     assert [r["name"] for r in saved["averaged_from"]] == ["step0000300.ckpt", "last.ckpt"]
@@ -172,11 +101,50 @@ def test_average_without_run_dir_names_the_key(tiny: dict, capsys: pytest.Captur
         average_run(tiny["root"] / "empty", last_n=5)
 
 
+def _sacrebleu_main(argv: list[str], out: Path) -> None:
+    """In a forked child: sacrebleu's command-line entry point (what the `sacrebleu` command runs) with argv, its
+    stdout into `out`."""
+    import os
+
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.close(fd)
+    sys.argv = ["sacrebleu", *argv]
+    from sacrebleu.sacrebleu import main
+
+    main()  # ends with sys.exit(0)
+
+
+def _sacrebleu_command_line(argv: list[str], folder: Path) -> list[dict] | dict:
+    """The JSON `sacrebleu <argv>` prints, run by sacrebleu's own command-line code in a process forked from this
+    one (tests/forked.py: no new interpreter to start)."""
+    out, log = folder / "sacrebleu.json", folder / "sacrebleu.log"
+    (code,) = forked.wait_all([forked.Child(_sacrebleu_main, (argv, out), forked.clean_env(), log)], timeout=300)
+    assert code == 0, log.read_text()
+    return json.loads(out.read_text())
+
+
 def _sacrebleu_cli(ref: Path, hyp: Path) -> dict[str, float]:
-    """sacrebleu's own command line on the files: {"BLEU": score, "chrF2": score}, 4 decimals."""
-    cmd = [sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-m", "bleu", "chrf", "-w", "4"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return {entry["name"]: entry["score"] for entry in json.loads(out)}
+    """`sacrebleu ref -i hyp -m bleu chrf -w 4` on the files: {"BLEU": score, "chrF2": score}."""
+    out = _sacrebleu_command_line([str(ref), "-i", str(hyp), "-m", "bleu", "chrf", "-w", "4"], ref.parent)
+    return {entry["name"]: entry["score"] for entry in out}
+
+
+def _get_ende_bleu(ref: Path, hyp: Path) -> dict:
+    """tensor2tensor's get_ende_bleu.sh: tokenizer.perl -l de (sacremoses), the perl one-liner that splits
+    compounds, multi-bleu.perl (sacrebleu's command line, no tokenization, no smoothing): its JSON, 4 decimals."""
+    from sacremoses import MosesTokenizer
+
+    moses = MosesTokenizer(lang="de")
+    for path in (ref, hyp):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        tokenized = "".join(moses.tokenize(line, return_str=True, escape=True) + "\n" for line in lines)
+        perl = ["perl", "-ple", r"s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g"]
+        split = subprocess.run(perl, input=tokenized.encode(), capture_output=True, check=True).stdout
+        path.with_suffix(".atat").write_bytes(split)
+    argv = [str(ref.with_suffix(".atat")), "-i", str(hyp.with_suffix(".atat"))]
+    out = _sacrebleu_command_line([*argv, "-m", "bleu", "-tok", "none", "-s", "none", "--force", "-w", "4"], ref.parent)
+    return out[0] if isinstance(out, list) else out
 
 
 def test_evaluate_scores_like_the_sacrebleu_command_line(
@@ -186,6 +154,8 @@ def test_evaluate_scores_like_the_sacrebleu_command_line(
     overrides = [*tiny["overrides"], f"run.dir={run}", "average.last_n=3", "evaluate.max_tokens=200"]
     cli.main(["average", *overrides])
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(run / "averaged.ckpt")
+    # The training run's W&B run, as an online or offline run leaves it in the run folder (W&B is offline here).
+    (run / "wandb" / "offline-run-20250101_120000-trained-run-id").mkdir(parents=True)
     cli.main(["evaluate", *overrides])
     out = capsys.readouterr().out
     result = json.loads((run / "eval-test.json").read_text())
@@ -195,6 +165,10 @@ def test_evaluate_scores_like_the_sacrebleu_command_line(
     with gzip.open(tiny["corpora"] / "test_2016_flickr.de.gz", "rt", encoding="utf-8") as f:
         assert ref_file.read_text(encoding="utf-8") == f.read()
     assert result["checkpoint"] == str(run / "averaged.ckpt") and result["sentences"] == N_TEST
+    # Section 6.1's decoding, from conf/config.yaml: beam 4, length penalty 0.6, output up to input length + 50.
+    decoding = {k: result["decoding"][k] for k in ("search", "beam", "alpha", "max_extra", "nbest")}
+    assert decoding == {"search": "beam", "beam": 4, "alpha": 0.6, "max_extra": 50, "nbest": 1}
+    assert "nbest" not in result["files"] and not (run / "eval-test.nbest.txt").exists()
     assert result["global_step"] == 300 and len(result["averaged_from"]) == 3
 
     # Scores as sacrebleu's command line computes them from the written files, signatures printed and saved.
@@ -205,7 +179,32 @@ def test_evaluate_scores_like_the_sacrebleu_command_line(
         assert signature in out and "version:2.6.0" in signature
     assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in result["signatures"]["bleu"]
 
-    # Batched, length-sorted decoding gives each sentence what decoding it alone from its raw text gives,
+    # The paper's tokenized BLEU: get_ende_bleu.sh's steps done here independently (Moses tokenization, perl's
+    # compound splitting, sacrebleu's command line on the tokens with multi-bleu.perl's settings).
+    reference = _get_ende_bleu(ref_file, hyp_file)
+    assert round(result["tok_bleu"], 4) == reference["score"]
+    # and the statistics behind it, n-gram precisions and token counts (a little-trained model may match no 4-gram,
+    # and without smoothing BLEU is then 0 on both sides):
+    ours = re.search(
+        r"([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) \(BP=.*hyp_len=(\d+), ref_len=(\d+)\)", result["tok_bleu_text"]
+    )
+    theirs = re.search(
+        r"([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) \(BP = .*hyp_len = (\d+) ref_len = (\d+)\)", reference["verbose_score"]
+    )
+    assert ours.groups() == theirs.groups() and float(ours[1]) > 0, (result["tok_bleu_text"], reference)
+    assert f"(the paper's, get_ende_bleu.sh): {result['tok_bleu_text']}" in out
+
+    # The scores are in the W&B summary of the training run (found in the run folder), reopened.
+    folders = sorted((run / "wandb").glob("offline-run-*"))
+    (scores,) = [OfflineRun.read(folder) for folder in folders if any(folder.glob("*.wandb"))]
+    assert scores.run_id == "trained-run-id" and scores.resume
+    assert "W&B: test/* scores in the summary of run trained-run-id" in out
+    for key in ("bleu", "chrf", "tok_bleu", "sentences", "global_step"):
+        assert scores.summary[f"test/{key}"] == result[key], key
+    assert scores.summary["test/signature/tok_bleu"] == result["signatures"]["tok_bleu"]
+    assert scores.summary["test/checkpoint"] == "averaged.ckpt" and scores.summary["test/translate_seconds"] > 0
+
+    # Batched, length-sorted decoding gives each sentence what beam-decoding it alone from its raw text gives,
     # in the file's order, detokenized by SentencePiece.
     module = TranslationModule.load_from_checkpoint(run / "averaged.ckpt", map_location="cpu")
     from data import Tokenizer
@@ -216,8 +215,34 @@ def test_evaluate_scores_like_the_sacrebleu_command_line(
         sources = [line.rstrip("\n") for line in f]
     hyps = hyp_file.read_text(encoding="utf-8").splitlines()
     assert len(hyps) == N_TEST
-    assert hyps[:8] == [module.translate([s], tokenizer)[0] for s in sources[:8]]
+    assert hyps[:8] == [module.translate([s], tokenizer, beam=4, alpha=0.6)[0] for s in sources[:8]]
     assert len({len(h) for h in hyps}) > 1  # not one repeated string: the check above can tell sentences apart
+
+    # evaluate.nbest=3: each sentence's 3 best, best first, in eval-test.nbest.txt; the first is the hypothesis,
+    # the same as with nbest=1 (a search kept going for more finished hypotheses finds none better than the best).
+    no_wandb = "logger.wandb.enabled=false"
+    cli.main(["evaluate", *overrides, "evaluate.nbest=3", no_wandb])
+    result = json.loads((run / "eval-test.json").read_text())
+    assert result["decoding"]["nbest"] == 3 and result["files"]["nbest"] == "eval-test.nbest.txt"
+    rows = [line.split("\t") for line in (run / "eval-test.nbest.txt").read_text(encoding="utf-8").splitlines()]
+    assert hyp_file.read_text(encoding="utf-8").splitlines() == hyps
+    for i in range(N_TEST):
+        mine = [row for row in rows if row[0] == str(i)]
+        assert len(mine) == 3 and mine[0][3] == hyps[i]
+        scores = [float(row[1]) for row in mine]
+        assert scores == sorted(scores, reverse=True) and all(float(row[2]) <= float(row[1]) for row in mine)
+    assert [int(row[0]) for row in rows] == sorted(int(row[0]) for row in rows)
+
+    # evaluate.beam=1 is greedy search (TranslationModule.translate's greedy_search); the n-best list of the
+    # earlier decoding is removed.
+    cli.main(["evaluate", *overrides, "evaluate.beam=1", no_wandb])
+    result = json.loads((run / "eval-test.json").read_text())
+    assert result["decoding"] == {"search": "greedy", "max_extra": 50, "max_tokens": 200, "device": "cpu"}
+    assert not (run / "eval-test.nbest.txt").exists()
+    greedy = hyp_file.read_text(encoding="utf-8").splitlines()
+    assert greedy[:4] == [module.translate([s], tokenizer, beam=1)[0] for s in sources[:4]]
+    assert greedy != hyps  # beam search found other translations: the checks above can tell the two apart
+    capsys.readouterr()
 
 
 def test_evaluate_without_a_checkpoint_says_what_to_do(tiny: dict, capsys: pytest.CaptureFixture) -> None:

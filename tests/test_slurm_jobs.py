@@ -55,6 +55,7 @@ def _overrides(tmp: Path, corpora_dir: Path) -> list[str]:
         "logger.wandb.enabled=false",
         "run.val_bleu_sentences=8",  # greedy decoding at validation, kept short
         "evaluate.max_extra=10",  # short outputs: the tiny model's greedy search stops early on this slow CPU
+        "evaluate.beam=1",  # greedy: the stage graph is what is tested here, beam search in test_average_evaluate
     ]
 
 

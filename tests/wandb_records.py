@@ -73,6 +73,7 @@ class OfflineRun:
     resume: bool = False
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)  # one dict per wandb.log call
+    summary: dict = field(default_factory=dict)  # the run's summary as its updates left it
 
     @classmethod
     def read(cls, folder: Path) -> OfflineRun:
@@ -89,6 +90,8 @@ class OfflineRun:
                 run.config.update(_items(record.config.update))
             elif kind == "history":
                 run.history.append(_items(record.history.item))
+            elif kind == "summary":
+                run.summary.update(_items(record.summary.update))
         return run
 
     def values(self, key: str) -> list:

@@ -1,0 +1,139 @@
+"""`aiayn translate`: raw sentences in, translations out, with a trained run's model (as fairseq-interactive does).
+
+Input, translate.input: a text file (one sentence a line), "-" for stdin, or null: stdin when it is piped or
+redirected, else an interactive prompt (a line in, its translation out, until end of input). Each line goes through
+what the training text went through: data.clean's text steps (Unicode normalization, control characters,
+whitespace; data/clean.py), then the prepared dataset's SentencePiece model, plus <eos>. Lines are translated in
+batches of similar length (translate.max_tokens padded source tokens, as `aiayn evaluate`), written in input order,
+decoded back to text by SentencePiece, to stdout or translate.output. An empty line gives an empty line.
+
+Model: translate.checkpoint, else run.dir's averaged.ckpt, else its checkpoints/last.ckpt (pipeline/evaluate.py's
+resolve_checkpoint/load_model). The BPE model is the prepared dataset's for the data.* config, so pass the overrides
+the run was trained with; a model whose vocabulary is another size is refused.
+
+Decoding: translate.beam, alpha, nbest, max_extra default to the evaluate.* keys (section 6.1). With nbest > 1 each
+sentence gives nbest lines `<line index>\\t<score>\\t<translation>`, best first (fairseq's H- lines, without the H-).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from omegaconf import DictConfig
+
+from data.clean import Cleaner
+from modules.transformer import Transformer
+from pipeline.average import require_run_dir
+from pipeline.config import output_dir
+from pipeline.errors import RunFolderError
+from pipeline.evaluate import Search, check_vocabulary, load_model, make_search, resolve_checkpoint, translate_ids
+
+
+@dataclass
+class Translator:
+    """A model, its BPE model and the training text's cleaning, ready to translate lines."""
+
+    model: Transformer
+    tokenizer: Any  # data.Tokenizer
+    cleaner: Cleaner
+    search: Search  # pipeline/evaluate.make_search: each sentence's n-best list
+    max_tokens: int
+    device: torch.device
+
+    def __call__(self, lines: list[str]) -> list[list[tuple[float, str]]]:
+        """Each line's n-best (score, translation) list, in input order; an empty line gives [(nan, "")]."""
+        texts = [self.cleaner.text(line) for line in lines]
+        todo = [i for i, text in enumerate(texts) if text]
+        sources = self.tokenizer.encode([texts[i] for i in todo])
+        results: list[list[tuple[float, str]]] = [[(float("nan"), "")] for _ in lines]
+        nbests = translate_ids(
+            self.model, sources, self.search, self.tokenizer.pad_id, self.tokenizer.eos_id, self.max_tokens, self.device
+        )
+        for i, nbest in zip(todo, nbests, strict=True):
+            decoded = self.tokenizer.decode([hyp.tokens for hyp in nbest])
+            results[i] = [(hyp.score, text.replace("\n", " ")) for hyp, text in zip(nbest, decoded, strict=True)]
+        return results
+
+
+def load_translator(cfg: DictConfig) -> tuple[Translator, Path]:
+    """The translate.* settings' Translator, and the checkpoint it loaded."""
+    from data import TranslationDataModule
+
+    run_dir = require_run_dir(cfg, "translate") if cfg.run.get("dir") else None
+    checkpoint_path = resolve_checkpoint(cfg, run_dir, section="translate")
+    datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
+    datamodule.setup()  # the prepared dataset's BPE model: a DatasetNotPreparedError says to run `aiayn prepare`
+    tokenizer = datamodule.tokenizer
+    model, _ = load_model(checkpoint_path)
+    fix = "run `aiayn translate` with the overrides the run was trained with (see the run folder's config.yaml)"
+    check_vocabulary(model, datamodule, checkpoint_path, fix)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    translator = Translator(
+        model=model.to(device),
+        tokenizer=tokenizer,
+        cleaner=Cleaner(datamodule.cfg.get("clean"), filters=False),
+        search=make_search(cfg.translate, tokenizer.bos_id, tokenizer.eos_id, section="translate")[0],
+        max_tokens=int(cfg.translate.max_tokens),
+        device=device,
+    )
+    return translator, checkpoint_path
+
+
+def format_nbest(index: int, nbest: list[tuple[float, str]], n: int) -> list[str]:
+    """The output lines of input line `index`: its translation, or with n > 1 `index\\tscore\\ttranslation` lines."""
+    if n == 1:
+        return [nbest[0][1]]
+    return [f"{index}\t{score:.4f}\t{text}" for score, text in nbest]
+
+
+def _read_lines(stream: Iterable[str]) -> list[str]:
+    return [line.rstrip("\r\n") for line in stream]
+
+
+@contextmanager
+def _output(path: str | None) -> Iterator[IO[str]]:
+    if not path:
+        yield sys.stdout
+        return
+    target = Path(path).expanduser()
+    if not target.parent.is_dir():
+        raise RunFolderError(f"translate.output={path}: no folder {target.parent}")
+    with open(target, "w", encoding="utf-8") as f:
+        yield f
+
+
+def main(cfg: DictConfig) -> None:
+    tcfg = cfg.translate
+    source = tcfg.get("input")
+    interactive = source is None and sys.stdin.isatty()
+    if source not in (None, "-") and not Path(source).expanduser().is_file():
+        raise RunFolderError(f"translate.input={source}: no such file (use - for stdin)")
+    translator, checkpoint_path = load_translator(cfg)
+    n = int(tcfg.nbest)
+    with _output(tcfg.get("output")) as out:
+        if interactive:
+            print(f"{checkpoint_path}: type a sentence and Enter; Ctrl-D ends", file=sys.stderr)
+            index = 0
+            while True:
+                print("> ", end="", file=sys.stderr, flush=True)
+                line = sys.stdin.readline()
+                if not line:
+                    break
+                for text in format_nbest(index, translator(_read_lines([line]))[0], n):
+                    print(text, file=out, flush=True)
+                index += 1
+            return
+        if source in (None, "-"):
+            lines = _read_lines(sys.stdin)
+        else:
+            with open(Path(source).expanduser(), encoding="utf-8") as f:
+                lines = _read_lines(f)
+        for index, nbest in enumerate(translator(lines)):
+            out.writelines(text + "\n" for text in format_nbest(index, nbest, n))
+        out.flush()
