@@ -74,7 +74,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None:
         wandb.teardown()  # W&B's own service process ends through W&B, not as a leftover below
-    children = psutil.Process().children(recursive=True)
+    # multiprocessing's own helpers (the resource tracker, data/pool.py's forkserver) end when this process does.
+    helpers = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+    children = [c for c in psutil.Process().children(recursive=True) if not _cmdline_has(c, helpers)]
     threads = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     if not children and not threads:
         return
@@ -93,6 +95,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         stack = traceback.format_stack(frame, limit=-4) if frame is not None else []
         target = getattr(thread, "_target", None) or thread.run
         write(f"  non-daemon thread {thread.name!r} running {target!r}:\n{''.join(stack)}")
+
+
+def _cmdline_has(process, words: tuple[str, ...]) -> bool:
+    import psutil
+
+    try:
+        cmdline = " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+    return any(word in cmdline for word in words)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
