@@ -287,7 +287,9 @@ def bench_fairseq(n: int, en: Path, de: Path, dataset_dir: Path, work: Path, arg
         for split, year in (("valid", 2013), ("test", 2014)):
             with gzip.open(CORPORA / "wmt14" / f"newstest{year}.{lang}.gz", "rt") as f:
                 (text / f"{split}.{lang}").write_text(f.read())
-    encoded, _, _ = run_measured([python, __file__, "--child-spm-encode", str(dataset_dir / "spm.model"), str(text)])
+    # The SentencePiece encoding is ours (this interpreter has sentencepiece; fairseq's venv need not).
+    spm_encode = [sys.executable, __file__, "--child-spm-encode", str(dataset_dir / "spm.model"), str(text)]
+    encoded, _, _ = run_measured(spm_encode)
     dest = work / f"fairseq-bin-{n}"
     shutil.rmtree(dest, ignore_errors=True)
     argv = ["--source-lang", "en", "--target-lang", "de", "--joined-dictionary", "--destdir", str(dest)]
