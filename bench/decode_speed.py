@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from modules.beam import beam_search  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluate import check_vocabulary, load_model, prepared_split, score, translate_ids  # noqa: E402
+from pipeline.evaluate import load_for_inference, prepared_split, score, translate_ids  # noqa: E402
 
 BEAM, ALPHA, MAX_EXTRA = 4, 0.6, 50  # section 6.1
 
@@ -55,10 +55,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cfg = load_config(args.overrides)
-    datamodule, sources, references = prepared_split(cfg, args.split)
+    model, checkpoint, datamodule = load_for_inference(cfg, args.checkpoint, "evaluate")
+    sources, references = prepared_split(datamodule, args.split)
     sources, references = sources[: args.sentences], references[: args.sentences]
-    model, checkpoint = load_model(args.checkpoint)
-    check_vocabulary(model, datamodule, args.checkpoint, "pass the data overrides the run was trained with")
     tokenizer, device = datamodule.tokenizer, torch.device("cpu")
 
     def decoding(use_cache: bool):

@@ -16,7 +16,7 @@ keys across). Written to attention.output_dir, by default <run.dir>/attention/<s
 Layer k is model.encoder/decoder.layers[k-1]. The model is the one `aiayn evaluate` uses (evaluate.checkpoint,
 else <run.dir>/averaged.ckpt, else checkpoints/last.ckpt); pass the overrides the run was trained with, so the
 prepared data (its BPE model) is found. The same figures are logged to W&B at each validation
-(pipeline/callbacks.py, AttentionMaps).
+(pipeline/callbacks.py, AttentionImages).
 
 Figures are matplotlib `Figure` objects with an Agg canvas, made without pyplot: pyplot keeps every figure in a
 global registry until plt.close, a leak in a long training run; these are freed like any object, and no display
@@ -182,23 +182,13 @@ def write_attention(att: SentenceAttention, out_dir: Path) -> list[Path]:
 
 
 def main(cfg: DictConfig, sentence: str, target: str | None = None) -> list[Path]:
-    from data import TranslationDataModule
     from pipeline.average import require_run_dir
-    from pipeline.config import output_dir
-    from pipeline.evaluate import check_vocabulary, load_model, resolve_checkpoint
+    from pipeline.evaluate import load_for_inference, resolve_checkpoint
 
     run_dir = require_run_dir(cfg, "attention")
     checkpoint_path = resolve_checkpoint(cfg, run_dir)
-    datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
-    datamodule.setup()  # the prepared folder's BPE model: a DatasetNotPreparedError says to run `aiayn prepare`
+    model, checkpoint, datamodule = load_for_inference(cfg, checkpoint_path, "attention")
     tokenizer = datamodule.tokenizer
-    model, checkpoint = load_model(checkpoint_path)
-    check_vocabulary(
-        model,
-        datamodule,
-        checkpoint_path,
-        f"pass the overrides the run was trained with (see {run_dir / 'config.yaml'})",
-    )
     att = sentence_attention(model, tokenizer, sentence, target, max_extra=int(cfg.evaluate.max_extra))
     chosen = cfg.attention.get("output_dir")
     out_dir = Path(chosen).expanduser() if chosen else run_dir / "attention" / slug(sentence, target)

@@ -200,7 +200,7 @@ def _kib(field: str) -> float:
     return float(field.split()[0]) * 1024
 
 
-class AttentionMaps(L.Callback):
+class AttentionImages(L.Callback):
     """At each validation (not the sanity check), the attention maps of the first validation sentence, logged to
     W&B as images: `val/attention/<kind>` (encoder_self, decoder_self, cross), one image per layer, one heatmap per
     head. They are the figures `aiayn attention` draws (pipeline/attention.py), of the source read with its

@@ -183,13 +183,26 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def prepared_split(cfg: DictConfig, split: str) -> tuple[Any, list[np.ndarray], list[str]]:
-    """The data module of cfg.data (set up: its tokenizer and splits), the split's prepared source ids (without
-    <eos>) and its raw reference lines, as read from the corpus files."""
+def load_for_inference(cfg: DictConfig, checkpoint_path: Path, command: str) -> tuple[Transformer, dict, Any]:
+    """The checkpoint's model (eval mode), the checkpoint, and the set-up data module of cfg.data, whose BPE model
+    reads and writes the model's token ids: `aiayn evaluate`, `translate` and `attention` all start here."""
     from data import TranslationDataModule
 
     datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
     datamodule.setup()  # reads the prepared folder: a DatasetNotPreparedError says to run `aiayn prepare`
+    model, checkpoint = load_model(checkpoint_path)
+    if model.cfg.vocab_size != datamodule.tokenizer.vocab_size:
+        raise RunFolderError(
+            f"{checkpoint_path} has model.vocab_size={model.cfg.vocab_size}, the BPE model of "
+            f"{datamodule.dataset_dir} has {datamodule.tokenizer.vocab_size}: run `aiayn {command}` with the "
+            "overrides the run was trained with (see the run folder's config.yaml)"
+        )
+    return model, checkpoint, datamodule
+
+
+def prepared_split(datamodule: Any, split: str) -> tuple[list[np.ndarray], list[str]]:
+    """A set-up data module's split: its prepared source ids (without <eos>) and its raw reference lines, as read
+    from the corpus files."""
     if split not in datamodule.splits:
         raise RunFolderError(
             f"evaluate.split={split}: {datamodule.dataset_dir} has only {sorted(datamodule.splits)}; "
@@ -199,16 +212,7 @@ def prepared_split(cfg: DictConfig, split: str) -> tuple[Any, list[np.ndarray], 
     references = [ref for _, ref in datamodule.raw_pairs(split, len(pairs))]
     if len(references) != len(pairs):
         raise RunFolderError(f"{split}: {len(pairs)} prepared pairs but {len(references)} reference lines")
-    return datamodule, [pairs[i][0] for i in range(len(pairs))], references
-
-
-def check_vocabulary(model: Transformer, datamodule: Any, checkpoint_path: Path, fix: str) -> None:
-    """The checkpoint's model must have been trained on this BPE vocabulary; `fix` says what to do if not."""
-    if model.cfg.vocab_size != datamodule.tokenizer.vocab_size:
-        raise RunFolderError(
-            f"{checkpoint_path} has model.vocab_size={model.cfg.vocab_size}, the BPE model of "
-            f"{datamodule.dataset_dir} has {datamodule.tokenizer.vocab_size}: {fix}"
-        )
+    return [pairs[i][0] for i in range(len(pairs))], references
 
 
 def main(cfg: DictConfig) -> dict[str, Any]:
@@ -217,11 +221,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     checkpoint_path = resolve_checkpoint(cfg, run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    datamodule, sources, references = prepared_split(cfg, split)
+    model, checkpoint, datamodule = load_for_inference(cfg, checkpoint_path, "evaluate")
+    sources, references = prepared_split(datamodule, split)
     tokenizer = datamodule.tokenizer
-    model, checkpoint = load_model(checkpoint_path)
-    fix = f"evaluate with the overrides the run was trained with (see {run_dir / 'config.yaml'})"
-    check_vocabulary(model, datamodule, checkpoint_path, fix)
     model.to(device)
 
     search, decoding = make_search(cfg.evaluate, tokenizer.bos_id, tokenizer.eos_id)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from data import TranslationDataModule
 from modules.lightning import TranslationModule
 from pipeline import preemption
-from pipeline.callbacks import AttentionMaps, MemoryMonitor, RequeueOnPreemption, RunStart, TokenThroughput
+from pipeline.callbacks import AttentionImages, MemoryMonitor, RequeueOnPreemption, RunStart, TokenThroughput
 from pipeline.config import output_dir
 from pipeline.loggers import build_loggers, finish_wandb
 from pipeline.plan import accumulation_steps
@@ -76,7 +76,7 @@ def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
         checkpoints,
     ]
     if cfg.run.val_attention_maps:  # images for W&B: it does nothing without a W&B logger
-        callbacks.append(AttentionMaps())
+        callbacks.append(AttentionImages())
     # Exact resume (pipeline/resume.py): RNG states in the checkpoint, saves only between optimizer updates,
     # checkpoint files renamed into place whole. (DeepSpeed writes its checkpoint folders itself.)
     plugins: list = [] if cfg.strategy.name == "deepspeed" else [AtomicCheckpointIO()]

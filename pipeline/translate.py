@@ -8,8 +8,8 @@ batches of similar length (translate.max_tokens padded source tokens, as `aiayn 
 decoded back to text by SentencePiece, to stdout or translate.output. An empty line gives an empty line.
 
 Model: translate.checkpoint, else run.dir's averaged.ckpt, else its checkpoints/last.ckpt (pipeline/evaluate.py's
-resolve_checkpoint/load_model). The BPE model is the prepared dataset's for the data.* config, so pass the overrides
-the run was trained with; a model whose vocabulary is another size is refused.
+resolve_checkpoint and load_for_inference). The BPE model is the prepared dataset's for the data.* config, so pass
+the overrides the run was trained with; a model whose vocabulary is another size is refused.
 
 Decoding: translate.beam, alpha, nbest, max_extra default to the evaluate.* keys (section 6.1). With nbest > 1 each
 sentence gives nbest lines `<line index>\\t<score>\\t<translation>`, best first (fairseq's H- lines, without the H-).
@@ -30,9 +30,8 @@ from omegaconf import DictConfig
 from data.clean import Cleaner
 from modules.transformer import Transformer
 from pipeline.average import require_run_dir
-from pipeline.config import output_dir
 from pipeline.errors import RunFolderError
-from pipeline.evaluate import Search, check_vocabulary, load_model, make_search, resolve_checkpoint, translate_ids
+from pipeline.evaluate import Search, load_for_inference, make_search, resolve_checkpoint, translate_ids
 
 
 @dataclass
@@ -63,16 +62,10 @@ class Translator:
 
 def load_translator(cfg: DictConfig) -> tuple[Translator, Path]:
     """The translate.* settings' Translator, and the checkpoint it loaded."""
-    from data import TranslationDataModule
-
     run_dir = require_run_dir(cfg, "translate") if cfg.run.get("dir") else None
     checkpoint_path = resolve_checkpoint(cfg, run_dir, section="translate")
-    datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
-    datamodule.setup()  # the prepared dataset's BPE model: a DatasetNotPreparedError says to run `aiayn prepare`
+    model, _, datamodule = load_for_inference(cfg, checkpoint_path, "translate")
     tokenizer = datamodule.tokenizer
-    model, _ = load_model(checkpoint_path)
-    fix = "run `aiayn translate` with the overrides the run was trained with (see the run folder's config.yaml)"
-    check_vocabulary(model, datamodule, checkpoint_path, fix)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     translator = Translator(
         model=model.to(device),

@@ -33,7 +33,7 @@ from modules.search import greedy_search
 from modules.transformer import Transformer
 from pipeline import cli
 from pipeline.attention import attention_figures, sentence_attention, slug, write_attention
-from pipeline.callbacks import AttentionMaps
+from pipeline.callbacks import AttentionImages
 from pipeline.config import load_config
 from pipeline.evaluate import load_model
 
@@ -277,8 +277,19 @@ def test_validation_logs_the_attention_images_to_wandb(tiny: dict, monkeypatch: 
             with Image.open(wandb_run.folder / "files" / name) as got, Image.open(buffer) as want:
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
-    # Off with run.val_attention_maps=false; without a W&B logger the callback touches nothing (no module here).
+    # Off with run.val_attention_maps=false; without a W&B logger the callback reads no attention at all.
     off = train.build_trainer(load_config([*overrides, "run.val_attention_maps=false"]), run)
-    assert not any(isinstance(c, AttentionMaps) for c in off.callbacks)
+    assert not any(isinstance(c, AttentionImages) for c in off.callbacks)
+
+    class Read(Exception):
+        """Raised by the stand-in for reading the attention."""
+
+    def read(*args, **kwargs):
+        raise Read
+
+    monkeypatch.setattr("pipeline.attention.sentence_attention", read)
     csv_only = SimpleNamespace(sanity_checking=False, loggers=trainer.loggers[:1], datamodule=datamodule)
-    AttentionMaps().on_validation_epoch_end(csv_only, None)
+    AttentionImages().on_validation_epoch_end(csv_only, module)  # no W&B logger: returns before reading
+    with_wandb = SimpleNamespace(sanity_checking=False, loggers=trainer.loggers, datamodule=datamodule)
+    with pytest.raises(Read):  # the same call with the W&B logger does read it: the check above can fail
+        AttentionImages().on_validation_epoch_end(with_wandb, module)

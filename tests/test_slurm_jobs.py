@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from slurm_fixture import slurm_cluster  # noqa: F401  (session fixture, used through usefixtures)
 from submitit.core.utils import JobPaths, pickle_load
-from test_train import TINY_MODEL
+from tiny_run import TINY_MODEL
 
 from pipeline import cli
 from pipeline.cluster import ClusterConfigError

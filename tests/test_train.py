@@ -13,6 +13,7 @@ import pytest
 import sacrebleu
 import torch
 from omegaconf import OmegaConf
+from tiny_run import TINY_MODEL
 from wandb_records import offline_runs
 
 from data import TranslationDataModule
@@ -24,8 +25,6 @@ from modules.transformer import Transformer
 from pipeline import train
 from pipeline.config import load_config
 from pipeline.plan import ACCELERATORS, training_flops_per_target_token
-
-TINY_MODEL = ["model.n_layers=2", "model.d_model=64", "model.d_ff=128", "model.n_heads=4", "model.vocab_size=400"]
 
 
 def _slice_multi30k(corpora_dir: Path, out: Path, n_train: int = 3000, n_valid: int = 200) -> Path:

@@ -20,6 +20,7 @@ from data import prepare_dataset
 from modules.lightning import TranslationModule
 from pipeline.config import load_config
 
+# The tiny Transformer of the tests that train or decode through the config (tests/test_train.py, SLURM jobs, ...).
 TINY_MODEL = ["model.n_layers=2", "model.d_model=64", "model.d_ff=128", "model.n_heads=4", "model.vocab_size=400"]
 N_TEST = 40
 STEPS = (100, 200, 300)  # global steps the hand-made checkpoints claim
@@ -69,10 +70,9 @@ def make_hand_made_run(tiny: dict, run: Path) -> dict:
     that the model translates into varied, scoreable German rather than one repeated token.
     """
     from data import ShardedPairs, collate_pairs
-    from data.prepare import dataset_dir_for
 
     module = new_module(tiny["cfg"], 0)
-    train_pairs = ShardedPairs(dataset_dir_for(tiny["cfg"].data, tiny["root"] / "out"), "train")
+    train_pairs = ShardedPairs(tiny["dataset_dir"], "train")
     optimizer = torch.optim.Adam(module.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-9)
     generator = torch.Generator().manual_seed(0)
     states = {}
