@@ -20,9 +20,15 @@ with on_bad_line=error, or are skipped and counted with on_bad_line=skip (train 
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
 from collections import Counter
+from functools import partial
+from itertools import repeat
+from operator import ne
 from typing import Any
+
+import numpy as np
 
 from data.errors import SourceConfigError
 
@@ -37,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "on_bad_line": "error",
 }
 NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
+FILTERS = ("drop_empty", "max_words", "max_ratio", "dedup")  # pair filters, in the order they are tried
 
 
 def resolve_clean_config(clean: dict[str, Any] | None) -> dict[str, Any]:
@@ -75,19 +82,34 @@ def collapse_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
-def too_many_words(src_words: int, tgt_words: int, max_words: int) -> bool:
-    """Moses clean-corpus-n.perl's max: a side with more than max_words whitespace tokens."""
-    return src_words > max_words or tgt_words > max_words
+# Runs of whitespace other than "\n" (re's \s is str.isspace's set, the one str.split() splits on), and the
+# spaces around a "\n".
+_SPACE_RUN = re.compile(r"[^\S\n]+")
+_SPACES_AROUND_NEWLINE = re.compile(r" ?\n ?")
 
 
-def bad_ratio(src_words: int, tgt_words: int, max_ratio: float) -> bool:
-    """Moses clean-corpus-n.perl's -ratio: one side over max_ratio times as many words as the other.
+def collapse_whitespace_batch(batch: list[str]) -> list[str]:
+    """collapse_whitespace of every sentence, done by two regex passes over the batch joined by newlines."""
+    joined = "\n".join(batch)
+    if not batch or joined.count("\n") != len(batch) - 1:  # a sentence holds a newline: one at a time
+        return [collapse_whitespace(t) for t in batch]
+    joined = _SPACES_AROUND_NEWLINE.sub("\n", _SPACE_RUN.sub(" ", joined)).strip(" ")
+    return joined.split("\n")
+
+
+def too_many_words(src_words: np.ndarray, tgt_words: np.ndarray, max_words: int) -> np.ndarray:
+    """Moses clean-corpus-n.perl's max: a side with more than max_words whitespace tokens (per pair)."""
+    return (src_words > max_words) | (tgt_words > max_words)
+
+
+def bad_ratio(src_words: np.ndarray, tgt_words: np.ndarray, max_ratio: float) -> np.ndarray:
+    """Moses clean-corpus-n.perl's -ratio: one side over max_ratio times as many words as the other (per pair).
 
     Like Moses, the ratio is over whitespace tokens and only tested when both sides are non-empty.
     """
-    if not src_words or not tgt_words:
-        return False
-    return src_words / tgt_words > max_ratio or tgt_words / src_words > max_ratio
+    both = (src_words > 0) & (tgt_words > 0)
+    src, tgt = np.maximum(src_words, 1), np.maximum(tgt_words, 1)  # no division by zero where `both` is False
+    return both & ((src / tgt > max_ratio) | (tgt / src > max_ratio))
 
 
 def pair_hash(src: str, tgt: str) -> int:
@@ -109,50 +131,81 @@ class Cleaner:
         self._seen: set[int] = set()
 
     def text(self, s: str) -> str:
-        cfg = self.cfg
-        for step, fn, on in (
-            ("normalize", lambda t: normalize(t, cfg["normalize"]), cfg["normalize"]),
-            ("strip_control", strip_control, cfg["strip_control"]),
-            ("collapse_whitespace", collapse_whitespace, cfg["collapse_whitespace"]),
-        ):
-            if on:
-                out = fn(s)
-                if out != s:
-                    self.changed[step] += 1
-                    s = out
-        return s
+        """One sentence through the text steps."""
+        return self.texts([s])[0]
 
-    def reject(self, src: str, tgt: str) -> str | None:
-        """The filter that removes this (already cleaned) pair, or None to keep it."""
+    def texts(self, batch: list[str]) -> list[str]:
+        """A batch of sentences through the text steps, in order, each step over the whole batch in one C-level
+        pass (map, str methods): a sentence costs about a microsecond, so per-sentence Python calls would cost
+        as much as BPE-encoding it. Counts per step the sentences it changed."""
         cfg = self.cfg
-        if cfg["drop_empty"] and (not src or not tgt):
-            return "drop_empty"
-        n_src, n_tgt = len(src.split()), len(tgt.split())
-        if cfg["max_words"] and too_many_words(n_src, n_tgt, cfg["max_words"]):
-            return "max_words"
-        if cfg["max_ratio"] and bad_ratio(n_src, n_tgt, cfg["max_ratio"]):
-            return "max_ratio"
-        if cfg["dedup"]:
-            key = pair_hash(src, tgt)
-            if key in self._seen:
-                return "dedup"
-            self._seen.add(key)
-        return None
+        if cfg["normalize"]:
+            batch = self._count("normalize", batch, list(map(partial(unicodedata.normalize, cfg["normalize"]), batch)))
+        if cfg["strip_control"] and not "".join(batch).isprintable():  # most batches are all printable
+            batch = self._count("strip_control", batch, [t if t.isprintable() else strip_control(t) for t in batch])
+        if cfg["collapse_whitespace"]:
+            batch = self._count("collapse_whitespace", batch, collapse_whitespace_batch(batch))
+        return batch
+
+    def _count(self, step: str, before: list[str], after: list[str]) -> list[str]:
+        changed = sum(map(ne, before, after))
+        if changed:
+            self.changed[step] += changed
+        return after
+
+    def word_counts(self, batch: list[str]) -> np.ndarray:
+        """Whitespace-separated words per sentence; after collapse_whitespace a sentence's words are its spaces
+        plus one."""
+        if self.cfg["collapse_whitespace"]:
+            spaces = np.fromiter(map(str.count, batch, repeat(" ")), dtype=np.int64, count=len(batch))
+            return np.where(self.lengths(batch) > 0, spaces + 1, 0)
+        return np.fromiter((len(t.split()) for t in batch), dtype=np.int64, count=len(batch))
+
+    @staticmethod
+    def lengths(batch: list[str]) -> np.ndarray:
+        return np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
+
+    def reject(self, src: list[str], tgt: list[str]) -> np.ndarray:
+        """Per (already cleaned) pair of the batch, the index in FILTERS of the first filter that removes it, or -1
+        to keep it. Filters are tried in FILTERS' order, as Moses' clean-corpus-n.perl would, dedup last."""
+        cfg = self.cfg
+        fate = np.full(len(src), -1, dtype=np.int64)
+
+        def apply(name: str, removed: np.ndarray) -> None:
+            fate[(fate < 0) & removed] = FILTERS.index(name)
+
+        if cfg["drop_empty"]:
+            apply("drop_empty", (self.lengths(src) == 0) | (self.lengths(tgt) == 0))
+        n_src, n_tgt = self.word_counts(src), self.word_counts(tgt)
+        if cfg["max_words"]:
+            apply("max_words", too_many_words(n_src, n_tgt, cfg["max_words"]))
+        if cfg["max_ratio"]:
+            apply("max_ratio", bad_ratio(n_src, n_tgt, cfg["max_ratio"]))
+        if cfg["dedup"]:  # in order: the first of two equal pairs is kept, also within a batch
+            for i in np.flatnonzero(fate < 0).tolist():
+                key = pair_hash(src[i], tgt[i])
+                if key in self._seen:
+                    fate[i] = FILTERS.index("dedup")
+                else:
+                    self._seen.add(key)
+        return fate
 
     def __call__(self, src: list[str], tgt: list[str], issues: list[str | None]) -> tuple[list[str], list[str]]:
         """One batch -> the kept, cleaned (source, target) sentences. Pairs with a read issue are skipped."""
-        out_src, out_tgt = [], []
-        for s, t, issue in zip(src, tgt, issues, strict=True):
-            if issue is not None:  # only reached with on_bad_line=skip (or error mode already raised)
-                self.removed[issue] += 1
-                continue
-            s, t = self.text(s), self.text(t)
-            if self.filters and (step := self.reject(s, t)):
-                self.removed[step] += 1
-                continue
-            out_src.append(s)
-            out_tgt.append(t)
-        return out_src, out_tgt
+        if any(issue is not None for issue in issues):  # only with on_bad_line=skip (error mode already raised)
+            self.removed.update(issue for issue in issues if issue is not None)
+            ok = [i for i, issue in enumerate(issues) if issue is None]
+            src, tgt = [src[i] for i in ok], [tgt[i] for i in ok]
+        src, tgt = self.texts(src), self.texts(tgt)
+        if not self.filters:
+            return src, tgt
+        fate = self.reject(src, tgt)
+        for index, count in zip(*np.unique(fate[fate >= 0], return_counts=True), strict=True):
+            self.removed[FILTERS[index]] += int(count)
+        kept = np.flatnonzero(fate < 0).tolist()
+        if len(kept) == len(src):
+            return src, tgt
+        return [src[i] for i in kept], [tgt[i] for i in kept]
 
     def report(self) -> dict[str, dict[str, int]]:
         return {"changed": dict(self.changed), "removed": dict(self.removed)}

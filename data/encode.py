@@ -14,8 +14,9 @@ process then de-duplicates the candidates in shard order (data/dedup.py), exactl
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,27 @@ class ShardJob:
     num_threads: int  # sentencepiece threads: 1 in a pool worker, all cores without a pool
 
 
-@functools.lru_cache(maxsize=4)
-def _table(files: tuple[str, ...]) -> pa.Table:
-    """The split's rows, memory-mapped (zero copy); opened once per worker and reused for its next shards."""
-    return pa.concat_tables([pa.ipc.open_stream(pa.memory_map(f)).read_all() for f in files])
+@contextlib.contextmanager
+def mapped_table(files: Sequence[str]) -> Iterator[pa.Table]:
+    """The split's rows, memory-mapped (zero copy) for the length of the `with` block, then unmapped.
+
+    Unmapping matters for memory: every page of the files a process reads stays in its resident set while the
+    files are mapped, so a worker that kept them mapped across shards would grow with the corpus. The caller must
+    keep no Arrow object of the table past the block (to_pylist copies are fine).
+    """
+    maps = [pa.memory_map(f) for f in files]
+    try:
+        yield pa.concat_tables([pa.ipc.open_stream(m).read_all() for m in maps])
+    finally:
+        for m in maps:
+            m.close()
+
+
+def read_record_batches(files: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    """The split's rows as record batches read from the files in order (not memory-mapped: see mapped_table)."""
+    for file in files:
+        with pa.OSFile(file) as source:
+            yield from pa.ipc.open_stream(source)
 
 
 @functools.lru_cache(maxsize=2)
@@ -69,12 +87,14 @@ def read_rows(
     files: tuple[str, ...], rows: int, start: int, stop: int, batch: int = ENCODE_BATCH
 ) -> Iterator[tuple[list[str], list[str], list[str | None]]]:
     """(sources, targets, issues) of rows [start, stop), `batch` rows at a time, in file order."""
-    table = _table(files)
-    if table.num_rows != rows:
-        raise RuntimeError(f"the Arrow files {files} hold {table.num_rows} rows, not the split's {rows}")
-    for i in range(start, stop, batch):
-        part = table.slice(i, min(batch, stop - i))
-        yield part.column("src").to_pylist(), part.column("tgt").to_pylist(), part.column("issue").to_pylist()
+    with mapped_table(files) as table:
+        if table.num_rows != rows:
+            raise RuntimeError(f"the Arrow files {files} hold {table.num_rows} rows, not the split's {rows}")
+        for i in range(start, stop, batch):
+            part = table.slice(i, min(batch, stop - i))
+            yield part.column("src").to_pylist(), part.column("tgt").to_pylist(), part.column("issue").to_pylist()
+            del part
+        del table
 
 
 def _fates(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len: int, filters: bool) -> np.ndarray:

@@ -16,7 +16,7 @@ Every source becomes an on-disk, memory-mapped Arrow table (flat memory at any c
     where      null, or "<file> line <n>: <what is wrong>" for that issue
     crlf       how many of the pair's lines ended in "\\r\\n" (the "\\r" is removed and counted, never an error)
 
-Line-based files (text, TSV, JSONL) are read by `read_lines` below and written to Arrow in batches (`_from_rows`),
+Line-based files (text, TSV, JSONL) are read by `LineReader` below and written to Arrow in batches (`_from_rows`),
 not with HF's "text"/"csv"/"json" builders: the "text" builder opens files with universal newlines, so a stray
 "\\r" inside a line silently splits it in two (and shifts every later pair), and it fails on invalid UTF-8 without
 naming the line; pandas' csv reader treats quotes and "NA" specially. Reading the bytes ourselves keeps row i
@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import socket
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice, zip_longest
+from functools import partial
+from itertools import islice
+from operator import add
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -159,61 +162,132 @@ def _open_bytes(path: Path):
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
-def read_lines(path: Path) -> Iterator[tuple[int, str, str | None, str | None, bool]]:
-    """(line number, text, issue, where, crlf) for every line of a plain or .gz file, streaming in bounded memory.
+class LineReader:
+    """The lines of a plain or .gz file, `take(n)` at a time as columns: (texts, issues, wheres, crlf flags).
 
-    Splits on b"\\n" only; a final "\\r" is removed and reported as crlf=True. A line that is not UTF-8 or is
-    longer than MAX_LINE_BYTES comes back with empty text and an issue, so the pair can be reported or skipped
-    while every later line keeps its number. A .gz cut short raises CorruptFileError naming the file.
+    Splits on b"\\n" only; a final "\\r" is removed and reported as crlf. A line that is not UTF-8 or is longer
+    than MAX_LINE_BYTES comes back with empty text and an issue, so the pair can be reported or skipped while every
+    later line keeps its number. A .gz cut short raises CorruptFileError naming the file; a file with no line
+    EmptyCorpusFileError. Memory is bounded: the file is read one line (at most MAX_LINE_BYTES + 1 bytes) at a
+    time, and an over-long line is skipped without being held.
+
+    Fast path: a batch of lines with no "\\r", no over-long line and valid UTF-8 is decoded and split in single
+    C calls (one `bytes.decode`, one `str.split`); only a batch holding such a line is walked line by line.
     """
-    lineno = 0
-    try:
-        with _open_bytes(path) as f:
-            while raw := f.readline(MAX_LINE_BYTES + 1):
-                lineno += 1
-                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                    size = len(raw)
-                    while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
-                        size += len(rest)  # skip the rest of the line without holding it
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.lineno = path, 0
+        self._file = _open_bytes(path)
+        # Pieces of at most MAX_LINE_BYTES + 1 bytes: whole lines, except the pieces of an over-long one.
+        self._pieces = iter(partial(self._file.readline, MAX_LINE_BYTES + 1), b"")
+
+    def __enter__(self) -> LineReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def take(self, n: int) -> tuple[list[str], list[str | None], list[str | None], list[int]]:
+        """The next n lines (fewer at the end of the file, none after it)."""
+        try:
+            pieces = list(islice(self._pieces, n))
+            lines = self._fast(pieces) if pieces else ([], [], [], [])
+            if lines is None:
+                lines = self._slow(pieces, n)
+        except (EOFError, OSError, zlib.error) as err:
+            raise CorruptFileError(
+                f"{self.path} is cut short or corrupt after line {self.lineno} ({err}); copy or download the file again"
+            ) from err
+        if not lines[0] and self.lineno == 0:
+            raise EmptyCorpusFileError(f"corpus file {self.path} has no lines; point the data config at the data")
+        return lines
+
+    def _fast(self, pieces: list[bytes]) -> tuple[list[str], list, list, list[int]] | None:
+        if max(map(len, pieces)) > MAX_LINE_BYTES:  # (an over-long line's first piece is MAX_LINE_BYTES + 1)
+            return None
+        joined = b"".join(pieces)
+        if b"\r" in joined:
+            return None
+        try:
+            texts = joined.decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            return None
+        if pieces[-1].endswith(b"\n"):
+            texts.pop()  # the empty string after the last newline
+        self.lineno += len(texts)
+        return texts, [None] * len(texts), [None] * len(texts), [0] * len(texts)
+
+    def _slow(self, pieces: list[bytes], n: int) -> tuple[list[str], list, list, list[int]]:
+        texts, issues, wheres, crlfs = [], [], [], []
+        pieces_iter = itertools.chain(pieces, self._pieces)  # an over-long line may need pieces past this batch
+        for raw in pieces_iter:
+            self.lineno += 1
+            lineno, path = self.lineno, self.path
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                size = len(raw)
+                for rest in pieces_iter:  # skip the rest of the line without holding it
                     size += len(rest)
-                    yield lineno, "", "line_too_long", f"{path} line {lineno}: over 1 MiB ({size} bytes)", False
-                    continue
+                    if rest.endswith(b"\n"):
+                        break
+                texts.append("")
+                issues.append("line_too_long")
+                wheres.append(f"{path} line {lineno}: over 1 MiB ({size} bytes)")
+                crlfs.append(0)
+            else:
                 raw = raw[:-1] if raw.endswith(b"\n") else raw
                 crlf = raw.endswith(b"\r")
                 raw = raw[:-1] if crlf else raw
                 try:
-                    text = raw.decode("utf-8")
+                    texts.append(raw.decode("utf-8"))
+                    issues.append(None)
+                    wheres.append(None)
                 except UnicodeDecodeError as err:
-                    where = (
-                        f"{path} line {lineno}: invalid UTF-8 at byte {err.start} ({raw[err.start : err.start + 4]!r})"
-                    )
-                    yield lineno, "", "invalid_utf8", where, crlf
-                    continue
-                yield lineno, text, None, None, crlf
-    except (EOFError, OSError, zlib.error) as err:
-        raise CorruptFileError(
-            f"{path} is cut short or corrupt after line {lineno} ({err}); copy or download the file again"
-        ) from err
-    if lineno == 0:
-        raise EmptyCorpusFileError(f"corpus file {path} has no lines; point the data config at the data")
+                    texts.append("")
+                    issues.append("invalid_utf8")
+                    bad = raw[err.start : err.start + 4]
+                    wheres.append(f"{path} line {lineno}: invalid UTF-8 at byte {err.start} ({bad!r})")
+                crlfs.append(int(crlf))
+            if len(texts) == n:
+                break
+        return texts, issues, wheres, crlfs
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str, str | None, str | None, bool]]:
+    """(line number, text, issue, where, crlf) for every line of a plain or .gz file (see LineReader)."""
+    lineno = 0
+    with LineReader(path) as reader:
+        while (lines := reader.take(ARROW_BATCH_ROWS))[0]:
+            for text, issue, where, crlf in zip(*lines, strict=True):
+                lineno += 1
+                yield lineno, text, issue, where, bool(crlf)
 
 
 def _text_pair_rows(src: str, tgt: str, stamp: Any) -> Iterator[tuple]:
-    """Rows of two aligned text files. `stamp` (sizes, mtimes) only keys the Arrow cache."""
-    n_src = n_tgt = 0
-    for s, t in zip_longest(read_lines(Path(src)), read_lines(Path(tgt))):
-        n_src += s is not None
-        n_tgt += t is not None
-        if s is None or t is None:
-            continue  # count the rest of the longer file, then fail below
-        issue, where = (s[2], s[3]) if s[2] else (t[2], t[3])
-        yield s[1], t[1], issue, where, int(s[4]) + int(t[4])
-    if n_src != n_tgt:
-        # Every later step pairs line i with line i, so one missing line would shift every pair after it.
-        raise LineCountError(
-            f"source and target line counts differ: {src} has {n_src} lines but {tgt} has {n_tgt}; line i of "
-            "one must translate line i of the other, so fix the files (or point the data config at a matching pair)"
-        )
+    """Rows of two aligned text files, read ARROW_BATCH_ROWS lines at a time from each. `stamp` (sizes, mtimes)
+    only keys the Arrow cache."""
+    with LineReader(Path(src)) as src_lines, LineReader(Path(tgt)) as tgt_lines:
+        while True:
+            s_text, s_issue, s_where, s_crlf = src_lines.take(ARROW_BATCH_ROWS)
+            t_text, t_issue, t_where, t_crlf = tgt_lines.take(ARROW_BATCH_ROWS)
+            if len(s_text) != len(t_text):
+                # Every later step pairs line i with line i, so one missing line would shift every pair after it.
+                for reader in (src_lines, tgt_lines):
+                    while reader.take(ARROW_BATCH_ROWS)[0]:
+                        pass  # count the rest of the longer file
+                raise LineCountError(
+                    f"source and target line counts differ: {src} has {src_lines.lineno} lines but {tgt} has "
+                    f"{tgt_lines.lineno}; line i of one must translate line i of the other, so fix the files (or "
+                    "point the data config at a matching pair)"
+                )
+            if not s_text:
+                return
+            if any(s_issue) or any(t_issue):  # the source's issue first, else the target's
+                issues = [a or b for a, b in zip(s_issue, t_issue, strict=True)]
+                wheres = [a if a else b for a, b in zip(s_where, t_where, strict=True)]
+            else:
+                issues, wheres = s_issue, s_where
+            crlf = list(map(add, s_crlf, t_crlf))
+            yield from zip(s_text, t_text, issues, wheres, crlf, strict=True)
 
 
 def _tsv_rows(path: str, src_col: int, tgt_col: int, stamp: Any) -> Iterator[tuple]:

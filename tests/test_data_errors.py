@@ -269,3 +269,47 @@ def test_cli_prepare_is_idempotent_and_prints_stats(tmp_path, monkeypatch, capsy
         main(["prepare", "data=tiny", "data.splits.train.src=multi30k/missing.en"])
     assert exit_.value.code == 1
     assert "aiayn prepare: corpus file not found:" in capsys.readouterr().err
+
+
+def test_sampled_rows_are_the_rows_at_those_indices(tmp_path, monkeypatch):
+    """ParallelCorpus.batches_at (the BPE sample) reads the rows at the given indices, across record batches and
+    output batches of any size, the same as indexing the table."""
+    import data.sources
+
+    monkeypatch.setattr(data.sources, "ARROW_BATCH_ROWS", 7)  # several record batches in the Arrow file
+    src = write(tmp_path / "s.txt", "".join(f"source {i}\n" for i in range(50)).encode())
+    tgt = write(tmp_path / "t.txt", "".join(f"target {i}\n" for i in range(50)).encode())
+    train = corpus(tmp_path, {"src": str(src), "tgt": str(tgt)})
+    indices = [0, 3, 6, 7, 20, 21, 22, 48, 49]
+    for batch_size in (1, 4, 100):
+        batches = list(train.batches_at(indices, batch_size))
+        got = [pair for sources, targets, _ in batches for pair in zip(sources, targets, strict=True)]
+        assert all(len(sources) <= batch_size for sources, _, _ in batches)
+        assert got == [(f"source {i}", f"target {i}") for i in indices]
+    assert list(train.batches_at([])) == []
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, 3, 50])
+def test_line_reader_batches_read_every_line_as_one_at_a_time_would(tmp_path, monkeypatch, batch_rows):
+    """data.sources.LineReader's batched reading (fast path, and line by line for a batch with a problem) against
+    the file's bytes split on b"\\n" by hand, with lines over a (shrunk) size limit, CRLF, bad UTF-8, no final
+    newline, and batch boundaries falling anywhere."""
+    import data.sources
+    from data.sources import read_lines
+
+    monkeypatch.setattr(data.sources, "MAX_LINE_BYTES", 16)
+    monkeypatch.setattr(data.sources, "ARROW_BATCH_ROWS", batch_rows)
+    lines = [b"plain", b"crlf\r", b"", b"x" * 40, b"ok", b"bad \xff utf8", b"a\rb", b"y" * 17, b"z" * 16, b"last"]
+    path = write(tmp_path / "f.txt", b"\n".join(lines))  # no final newline
+    expected = []
+    for number, raw in enumerate(lines, 1):
+        crlf = raw.endswith(b"\r")
+        body = raw[:-1] if crlf else raw
+        if len(raw) > 16:  # over the limit without its newline ("z" * 16 + newline is not)
+            expected.append((number, "", "line_too_long", False))
+        elif body == b"bad \xff utf8":
+            expected.append((number, "", "invalid_utf8", crlf))
+        else:
+            expected.append((number, body.decode(), None, crlf))
+    got = [(n, text, issue, crlf) for n, text, issue, where, crlf in read_lines(path)]
+    assert got == expected

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, model_checkpoint
-from test_train import TINY_MODEL
+from tiny_run import TINY_MODEL
 
 from data import prepare_dataset
 from pipeline.config import load_config
