@@ -50,7 +50,9 @@ class TranslationModule(L.LightningModule):
         self.model_cfg = TransformerConfig.from_dict(dict(model))
         self.optim_cfg = dict(optim)
         self.model = Transformer(self.model_cfg)
-        self.criterion = LabelSmoothedCrossEntropy(self.optim_cfg["label_smoothing"], self.model_cfg.pad_id)
+        self.criterion = LabelSmoothedCrossEntropy(
+            self.optim_cfg["label_smoothing"], self.model_cfg.pad_id, fused=self.optim_cfg.get("fused_loss", False)
+        )
         self.n_samples = n_samples
         self.bleu_sentences = bleu_sentences
         if val_beam < 1:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.loss import LabelSmoothedCrossEntropy
+from modules.loss import FusedLabelSmoothedCrossEntropy, LabelSmoothedCrossEntropy
 from modules.schedule import inverse_sqrt_lr, inverse_sqrt_scheduler
 
 
@@ -52,3 +53,28 @@ def test_scheduler_applies_eq3_at_each_update():
         assert math.isclose(optimizer.param_groups[0]["lr"], inverse_sqrt_lr(update, 512, 10))
         optimizer.step()
         scheduler.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_equals_the_plain_one_in_value_and_gradient(dtype, monkeypatch):
+    """The chunked, fused loss (modules/loss.FusedLabelSmoothedCrossEntropy) against the plain log-softmax one,
+    on logits of both dtypes training sees, with padding, and chunks smaller than the rows (several chunks)."""
+    monkeypatch.setattr(FusedLabelSmoothedCrossEntropy, "CHUNK_ROWS", 7)
+    torch.manual_seed(0)
+    target = torch.randint(1, 50, (4, 9))
+    target[1, 5:] = 0
+    target[3, 2:] = 0
+    logits = (3 * torch.randn(4, 9, 50)).to(dtype)
+    results = {}
+    for fused in (False, True):
+        leaf = logits.clone().requires_grad_(True)
+        loss, nll = LabelSmoothedCrossEntropy(0.1, pad_id=0, fused=fused)(leaf, target)
+        (2.5 * loss).backward()
+        results[fused] = (loss.detach(), nll.detach(), leaf.grad)
+    (loss, nll, grad), (f_loss, f_nll, f_grad) = results[False], results[True]
+    torch.testing.assert_close(f_loss, loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(f_nll, nll, rtol=1e-5, atol=1e-4)
+    assert f_grad.dtype == dtype and not f_nll.requires_grad
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    torch.testing.assert_close(f_grad.float(), grad.float(), **tol)
+    assert f_grad[target == 0].abs().max() == 0  # padding positions get no gradient
