@@ -131,7 +131,18 @@ class UpdateCheckpoint(ModelCheckpoint):
     A save between the micro-batches of one update (gradient accumulation: train.tokens_per_update) would miss the
     gradients accumulated so far, which no checkpoint holds, and the resumed update would be computed from fewer
     micro-batches. Step-triggered saves already fall after updates; a time-triggered one waits for the next.
+
+    The end of the fit is saved too, when its last update is not: a run stopped by trainer.max_time, or by
+    max_steps between two saves, would otherwise lose the updates since the last save (Lightning's ModelCheckpoint
+    saves on steps, time or epochs, never at the end).
     """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > self._last_global_step_saved and not trainer.fit_loop.epoch_loop._should_accumulate():
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int

@@ -306,3 +306,25 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(tmp_path: 
     checkpoint_io.save_checkpoint(new, path)
     _assert_equal(checkpoint_io.load_checkpoint(path, weights_only=True), new)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_end_of_a_fit_is_saved_when_it_falls_between_two_saves(tmp_path: Path) -> None:
+    """max_steps 5 with a save every 2 updates: Lightning's ModelCheckpoint keeps updates 2 and 4 and loses the 5th
+    (as a run stopped by trainer.max_time loses everything since its last save); UpdateCheckpoint saves it."""
+    data = torch.utils.data.TensorDataset(torch.randn(24, 4), torch.randn(24, 1))
+    steps = {}
+    for cls in (ModelCheckpoint, UpdateCheckpoint):
+        folder = tmp_path / cls.__name__
+        checkpoint = cls(dirpath=folder, every_n_train_steps=2, save_top_k=-1, save_last=True)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=5,
+            callbacks=[checkpoint],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(_Toy(), torch.utils.data.DataLoader(data, batch_size=2))
+        steps[cls] = sorted(torch.load(f, weights_only=False)["global_step"] for f in folder.glob("*.ckpt"))
+    assert 5 not in steps[ModelCheckpoint], steps  # the hazard is real
+    assert steps[UpdateCheckpoint] == [2, 4, 5, 5], steps  # ... and the 5th update is in a checkpoint and last.ckpt
