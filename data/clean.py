@@ -62,11 +62,6 @@ def resolve_clean_config(clean: dict[str, Any] | None) -> dict[str, Any]:
     return cfg
 
 
-def normalize(text: str, form: str | None) -> str:
-    """Unicode normalization (NFKC folds e.g. full-width letters and ligatures into their plain forms)."""
-    return unicodedata.normalize(form, text) if form else text
-
-
 def strip_control(text: str) -> str:
     """Every character of Unicode category C* (control, format, private use, unassigned) -> a space.
 
@@ -139,7 +134,7 @@ class Cleaner:
         pass (map, str methods): a sentence costs about a microsecond, so per-sentence Python calls would cost
         as much as BPE-encoding it. Counts per step the sentences it changed."""
         cfg = self.cfg
-        if cfg["normalize"]:
+        if cfg["normalize"]:  # NFKC folds e.g. full-width letters and ligatures into their plain forms
             batch = self._count("normalize", batch, list(map(partial(unicodedata.normalize, cfg["normalize"]), batch)))
         if cfg["strip_control"] and not "".join(batch).isprintable():  # most batches are all printable
             batch = self._count("strip_control", batch, [t if t.isprintable() else strip_control(t) for t in batch])
