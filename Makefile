@@ -38,8 +38,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(STAMP)
-	$(BIN)/python bench/train_throughput.py $(ARGS)
+# The peer of bench/vs_fairseq.py, in a venv of its own (about 3 minutes to build once).
+FAIRSEQ_VENV ?= $(AIAYN_OUTPUT_DIR)/fairseq-venv
+
+$(FAIRSEQ_VENV)/bin/fairseq-train:
+	$(PYTHON) -m venv $(FAIRSEQ_VENV)
+	$(FAIRSEQ_VENV)/bin/pip install --quiet --upgrade pip
+	$(FAIRSEQ_VENV)/bin/pip install --quiet torch==2.13.0
+	$(FAIRSEQ_VENV)/bin/pip install --quiet fairseq-fixed==0.12.3.1
+
+# Training tokens/s side by side with fairseq (bench/vs_fairseq.json); ARGS e.g. "--models small --rounds 2".
+bench: $(STAMP) $(FAIRSEQ_VENV)/bin/fairseq-train
+	$(BIN)/python bench/vs_fairseq.py --fairseq-venv $(FAIRSEQ_VENV) $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs

@@ -1,0 +1,145 @@
+"""Where a training update's time goes, and how close it is to this CPU's bf16 matmul ceiling (issue 6).
+
+For each model (small; base with the paper's 37k vocabulary) in bf16-mixed, runs --steps updates of the training
+step on real Multi30k token batches (the data module's own sampler and collation, as `aiayn train` uses them) under
+the torch profiler, with one `record_function` range per phase:
+  data       next batch from the DataLoader (sampling, collation)
+  forward    the model and the label-smoothed loss under bf16 autocast (TranslationModule._losses)
+  backward   loss.backward()
+  optimizer  Adam step and zero_grad
+  logging    reading the loss back to the host (what a progress bar does every update)
+and reports each phase's share of the wall time, the ten most expensive operators, the model FLOPs utilization
+(training FLOPs from pipeline/plan.py's formula at the batches' real lengths, over the bf16 matmul peak measured
+in the same run), and the padding efficiency of the batches (real tokens / padded tokens, source and target).
+Writes bench/step_profile.json (or --out).
+
+    .venv/bin/python bench/step_profile.py [--models small base] [--steps 20] [--warmup 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.profiler import ProfilerActivity, profile, record_function
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data import TranslationDataModule  # noqa: E402
+from modules.lightning import TranslationModule  # noqa: E402
+from pipeline.config import load_config, output_dir  # noqa: E402
+from pipeline.plan import training_flops_per_target_token  # noqa: E402
+
+MODELS = {"small": (["model=small"], 4096), "base": (["model=base", "model.vocab_size=37000"], 1024)}
+PHASES = ("data", "forward", "backward", "optimizer", "logging")
+
+
+def bf16_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n x n bf16 matmul: the ceiling MFU is measured against."""
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def profile_model(name: str, steps: int, warmup: int, peak: float) -> dict:
+    overrides, max_tokens = MODELS[name]
+    cfg = load_config([*overrides, f"data.max_tokens={max_tokens}"])
+    datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = TranslationModule(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        n_samples=0,
+    )
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    batches = iter(datamodule.train_dataloader())
+    counts = module.model.parameter_counts()
+    real = {"src": 0, "tgt": 0}
+    padded = {"src": 0, "tgt": 0}
+    flops = 0.0
+
+    def update(measure: bool) -> None:
+        nonlocal flops
+        with record_function("data"):
+            batch = next(batches)
+        with record_function("forward"), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_sum, _, n_tokens = module._losses(batch)
+            loss = loss_sum / n_tokens
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with record_function("logging"):
+            loss.item()
+        if measure:
+            sentences = batch["src"].size(0)
+            n_src, n_tgt = int(batch["src"].ne(0).sum()), int(batch["tgt_out"].ne(0).sum())
+            real["src"], real["tgt"] = real["src"] + n_src, real["tgt"] + n_tgt
+            padded["src"] += batch["src"].numel()
+            padded["tgt"] += batch["tgt_out"].numel()
+            per_token = training_flops_per_target_token(
+                module.model.cfg, counts["encoder"], counts["decoder"], n_src / sentences, n_tgt / sentences
+            ).total
+            flops += per_token * n_tgt
+
+    for _ in range(warmup):
+        update(False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            update(True)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    phase_us = {e.key: e.cpu_time_total for e in events if e.key in PHASES}
+    total_us = sum(phase_us.values())
+    top = sorted((e for e in events if e.key not in PHASES), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "max_tokens": max_tokens,
+        "steps": steps,
+        "seconds_per_update": round(wall / steps, 3),
+        "target_tokens_per_sec": round(real["tgt"] / wall),
+        "phase_share": {k: round(phase_us.get(k, 0) / total_us, 3) for k in PHASES},
+        "top_ops_self_cpu_share": {e.key: round(e.self_cpu_time_total / total_us, 3) for e in top[:10]},
+        "model_tflops_per_sec": round(flops / wall / 1e12, 3),
+        "mfu": round(flops / wall / peak, 3),
+        "padding_efficiency": {k: round(real[k] / padded[k], 3) for k in real},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("step_profile.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    peak = bf16_matmul_peak()
+    report = {
+        "what": "bf16-mixed training update: time per phase (torch profiler), top operators, MFU, padding",
+        "command": "python bench/step_profile.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "bf16_matmul_peak_tflops": round(peak / 1e12, 3),
+        "models": {name: profile_model(name, args.steps, args.warmup, peak) for name in args.models},
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
