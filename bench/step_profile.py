@@ -6,7 +6,7 @@ the torch profiler, with one `record_function` range per phase:
   data       next batch from the DataLoader (sampling, collation)
   forward    the model and the label-smoothed loss under bf16 autocast (TranslationModule._losses)
   backward   loss.backward()
-  optimizer  Adam step and zero_grad
+  optimizer  Adam step, schedule and zero_grad
   logging    reading the loss back to the host (what a progress bar does every update)
 and reports each phase's share of the wall time, the ten most expensive operators, the model FLOPs utilization
 (training FLOPs from pipeline/plan.py's formula at the batches' real lengths, over the bf16 matmul peak measured
@@ -65,7 +65,8 @@ def profile_model(name: str, steps: int, warmup: int, peak: float) -> dict:
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         n_samples=0,
     )
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    optimizers = module.configure_optimizers()  # Adam and Eq. 3 as training configures them (optim.fused_adam)
+    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
     batches = iter(datamodule.train_dataloader())
     counts = module.model.parameter_counts()
     real = {"src": 0, "tgt": 0}
@@ -83,6 +84,7 @@ def profile_model(name: str, steps: int, warmup: int, peak: float) -> dict:
             loss.backward()
         with record_function("optimizer"):
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         with record_function("logging"):
             loss.item()

@@ -175,7 +175,9 @@ class TranslationModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
         # lr=1.0: the scheduler's lambda returns the actual rate of Eq. 3.
-        optimizer = torch.optim.Adam(self.parameters(), lr=1.0, betas=tuple(cfg["betas"]), eps=cfg["eps"])
+        optimizer = torch.optim.Adam(
+            self.parameters(), lr=1.0, betas=tuple(cfg["betas"]), eps=cfg["eps"], fused=cfg.get("fused_adam") or None
+        )
         scheduler = inverse_sqrt_scheduler(
             optimizer, self.model_cfg.d_model, cfg["warmup_steps"], cfg.get("lr_scale", 1.0)
         )

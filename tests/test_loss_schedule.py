@@ -78,3 +78,28 @@ def test_fused_loss_equals_the_plain_one_in_value_and_gradient(dtype, monkeypatc
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
     torch.testing.assert_close(f_grad.float(), grad.float(), **tol)
     assert f_grad[target == 0].abs().max() == 0  # padding positions get no gradient
+
+
+def test_fused_adam_makes_the_same_updates_as_the_plain_one():
+    """optim.fused_adam (torch's fused kernel) against the for-loop Adam of section 5.3, through the module's own
+    configure_optimizers and Eq. 3 schedule: five updates with the same gradients give the same parameters."""
+    from modules.lightning import TranslationModule
+
+    model = {"vocab_size": 40, "n_layers": 1, "d_model": 16, "d_ff": 32, "n_heads": 2}
+    optim = {"betas": [0.9, 0.98], "eps": 1e-9, "warmup_steps": 3, "label_smoothing": 0.1}
+    params = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        module = TranslationModule(model=model, optim={**optim, "fused_adam": fused}, n_samples=0)
+        config = module.configure_optimizers()
+        optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        assert bool(optimizer.defaults["fused"]) == fused
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in module.parameters():
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+            scheduler.step()
+        params[fused] = [p.detach().clone() for p in module.parameters()]
+    for plain, fused in zip(params[False], params[True], strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
