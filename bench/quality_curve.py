@@ -130,7 +130,7 @@ def main() -> None:
         "command": "python bench/quality_curve.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "load_avg_1_5_15": [round(x, 1) for x in os.getloadavg()],
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
         "overrides": args.overrides,
         "train_wall_seconds": round(wall) if wall else None,
         "steps": last["step"],

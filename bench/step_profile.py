@@ -33,30 +33,19 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from train_throughput import CONFIGS, MAX_TOKENS, matmul_gflops  # noqa: E402  (bench/ is first on sys.path)
+
 from data import TranslationDataModule  # noqa: E402
 from modules.lightning import TranslationModule  # noqa: E402
 from pipeline.config import load_config, output_dir  # noqa: E402
 from pipeline.plan import training_flops_per_target_token  # noqa: E402
 
-MODELS = {"small": (["model=small"], 4096), "base": (["model=base", "model.vocab_size=37000"], 1024)}
 PHASES = ("data", "forward", "backward", "optimizer", "logging")
 
 
-def bf16_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of an n x n x n bf16 matmul: the ceiling MFU is measured against."""
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
 def profile_model(name: str, steps: int, warmup: int, peak: float) -> dict:
-    overrides, max_tokens = MODELS[name]
-    cfg = load_config([*overrides, f"data.max_tokens={max_tokens}"])
+    max_tokens = MAX_TOKENS[name]
+    cfg = load_config([*CONFIGS[name], f"data.max_tokens={max_tokens}"])
     datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -125,13 +114,13 @@ def profile_model(name: str, steps: int, warmup: int, peak: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("step_profile.json"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    peak = bf16_matmul_peak()
+    peak = matmul_gflops(torch.bfloat16) * 1e9  # the ceiling MFU is measured against
     report = {
         "what": "bf16-mixed training update: time per phase (torch profiler), top operators, MFU, padding",
         "command": "python bench/step_profile.py " + " ".join(sys.argv[1:]),

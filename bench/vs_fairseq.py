@@ -34,22 +34,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# model name -> (our config overrides, fairseq architecture arguments, max_tokens)
-MODELS = {
-    "small": (
-        ["model=small"],
-        "--encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256 "
-        "--encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024 --encoder-attention-heads 4 "
-        "--decoder-attention-heads 4",
-        4096,
-    ),
-    "base": (  # the paper's base model and its 37k vocabulary (Multi30k's ids are a subset)
-        ["model=base", "model.vocab_size=37000"],
-        "--encoder-layers 6 --decoder-layers 6 --encoder-embed-dim 512 --decoder-embed-dim 512 "
-        "--encoder-ffn-embed-dim 2048 --decoder-ffn-embed-dim 2048 --encoder-attention-heads 8 "
-        "--decoder-attention-heads 8",
-        1024,
-    ),
+from train_throughput import CONFIGS, MAX_TOKENS  # noqa: E402  (bench/, first on sys.path for a bench script)
+
+# Our side of each model (config overrides, max_tokens) is bench/train_throughput.py's CONFIGS and MAX_TOKENS;
+# here, the same architecture in fairseq's arguments.
+FAIRSEQ_ARCH = {
+    "small": "--encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256 "
+    "--encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024 --encoder-attention-heads 4 --decoder-attention-heads 4",
+    "base": "--encoder-layers 6 --decoder-layers 6 --encoder-embed-dim 512 --decoder-embed-dim 512 "
+    "--encoder-ffn-embed-dim 2048 --decoder-ffn-embed-dim 2048 --encoder-attention-heads 8 --decoder-attention-heads 8",
 }
 SHARED = (
     "--arch transformer --share-all-embeddings --dropout 0.1 --criterion label_smoothed_cross_entropy "
@@ -97,9 +90,8 @@ def fairseq_data(work: Path, venv: Path, vocab_size: int) -> Path:
 
 def run_fairseq(bin_dir: Path, venv: Path, model: str, warmup: int, updates: int) -> float:
     """Target tokens/s of fairseq-train over updates (warmup, warmup + updates]: sum(wpb * n) / sum(n / ups)."""
-    _, arch, max_tokens = MODELS[model]
-    command = [str(venv / "bin" / "fairseq-train"), str(bin_dir), *SHARED.split(), *arch.split()]
-    command += ["--max-tokens", str(max_tokens), "--max-update", str(warmup + updates)]
+    command = [str(venv / "bin" / "fairseq-train"), str(bin_dir), *SHARED.split(), *FAIRSEQ_ARCH[model].split()]
+    command += ["--max-tokens", str(MAX_TOKENS[model]), "--max-update", str(warmup + updates)]
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     tokens = seconds = 0.0
@@ -128,25 +120,23 @@ def run_ours(model: str, precision: str, warmup: int, updates: int) -> float:
 
 def child(model: str, precision: str, warmup: int, updates: int) -> None:
     import torch
-
-    sys.path.insert(0, str(ROOT / "bench"))
     from train_throughput import measure
 
     from data import TranslationDataModule
     from pipeline.config import load_config, output_dir
 
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = load_config(MODELS[model][0])
+    cfg = load_config(CONFIGS[model])
     datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    print(measure(model, precision, datamodule, updates, warmup))  # its config and max_tokens match MODELS'
+    print(measure(model, precision, datamodule, updates, warmup))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fairseq-venv", type=Path, help="a venv with fairseq (required)")
-    parser.add_argument("--models", nargs="+", default=["small", "base"], choices=sorted(MODELS))
+    parser.add_argument("--models", nargs="+", default=["small", "base"], choices=sorted(FAIRSEQ_ARCH))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--updates", type=int, default=100, help="timed updates per run")
     parser.add_argument("--warmup", type=int, default=10, help="untimed updates first")
@@ -186,7 +176,7 @@ def main() -> None:
         "command": "python bench/vs_fairseq.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "max_tokens": {m: MODELS[m][2] for m in args.models},
+        "max_tokens": {m: MAX_TOKENS[m] for m in args.models},
         "updates_timed": args.updates,
         "updates_warmup": args.warmup,
         "tokens_per_sec": medians,

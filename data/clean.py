@@ -148,17 +148,13 @@ class Cleaner:
             self.changed[step] += changed
         return after
 
-    def word_counts(self, batch: list[str]) -> np.ndarray:
-        """Whitespace-separated words per sentence; after collapse_whitespace a sentence's words are its spaces
-        plus one."""
+    def word_counts(self, batch: list[str], lengths: np.ndarray) -> np.ndarray:
+        """Whitespace-separated words per sentence (lengths: its characters); after collapse_whitespace a
+        sentence's words are its spaces plus one."""
         if self.cfg["collapse_whitespace"]:
             spaces = np.fromiter(map(str.count, batch, repeat(" ")), dtype=np.int64, count=len(batch))
-            return np.where(self.lengths(batch) > 0, spaces + 1, 0)
+            return np.where(lengths > 0, spaces + 1, 0)
         return np.fromiter((len(t.split()) for t in batch), dtype=np.int64, count=len(batch))
-
-    @staticmethod
-    def lengths(batch: list[str]) -> np.ndarray:
-        return np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
 
     def reject(self, src: list[str], tgt: list[str]) -> np.ndarray:
         """Per (already cleaned) pair of the batch, the index in FILTERS of the first filter that removes it, or -1
@@ -169,9 +165,10 @@ class Cleaner:
         def apply(name: str, removed: np.ndarray) -> None:
             fate[(fate < 0) & removed] = FILTERS.index(name)
 
+        src_chars, tgt_chars = (np.fromiter(map(len, side), dtype=np.int64, count=len(side)) for side in (src, tgt))
         if cfg["drop_empty"]:
-            apply("drop_empty", (self.lengths(src) == 0) | (self.lengths(tgt) == 0))
-        n_src, n_tgt = self.word_counts(src), self.word_counts(tgt)
+            apply("drop_empty", (src_chars == 0) | (tgt_chars == 0))
+        n_src, n_tgt = self.word_counts(src, src_chars), self.word_counts(tgt, tgt_chars)
         if cfg["max_words"]:
             apply("max_words", too_many_words(n_src, n_tgt, cfg["max_words"]))
         if cfg["max_ratio"]:

@@ -283,7 +283,7 @@ def _text_pair_rows(src: str, tgt: str, stamp: Any) -> Iterator[tuple]:
                 return
             if any(s_issue) or any(t_issue):  # the source's issue first, else the target's
                 issues = [a or b for a, b in zip(s_issue, t_issue, strict=True)]
-                wheres = [a if a else b for a, b in zip(s_where, t_where, strict=True)]
+                wheres = [a or b for a, b in zip(s_where, t_where, strict=True)]
             else:
                 issues, wheres = s_issue, s_where
             crlf = list(map(add, s_crlf, t_crlf))

@@ -91,7 +91,7 @@ class FusedLabelSmoothedCrossEntropy(torch.autograd.Function):
             g = torch.exp(rows[part].float() - lse[part, None])  # softmax(z), (chunk, vocab)
             g -= epsilon / vocab
             g.scatter_add_(1, labels[part, None], torch.full_like(lse[part, None], -(1.0 - epsilon)))
-            grad_rows[part] = g * grad_loss
+            grad_rows[part] = g.mul_(grad_loss)  # cast to the logits' dtype on assignment
         grad = torch.zeros(ctx.shape[:-1].numel(), vocab, dtype=rows.dtype, device=rows.device)
         grad.index_copy_(0, real, grad_rows)
         return grad.view(ctx.shape), None, None, None

@@ -47,7 +47,7 @@ class Translator:
 
     def __call__(self, lines: list[str]) -> list[list[tuple[float, str]]]:
         """Each line's n-best (score, translation) list, in input order; an empty line gives [(nan, "")]."""
-        texts = [self.cleaner.text(line) for line in lines]
+        texts = self.cleaner.texts(lines)
         todo = [i for i, text in enumerate(texts) if text]
         sources = self.tokenizer.encode([texts[i] for i in todo])
         results: list[list[tuple[float, str]]] = [[(float("nan"), "")] for _ in lines]
