@@ -18,6 +18,7 @@ from modules.lightning import TranslationModule
 from pipeline import preemption
 from pipeline.callbacks import AttentionImages, MemoryMonitor, RequeueOnPreemption, RunStart, TokenThroughput
 from pipeline.config import output_dir
+from pipeline.host import reuse_freed_memory
 from pipeline.loggers import build_loggers, finish_wandb
 from pipeline.plan import accumulation_steps
 from pipeline.resume import AtomicCheckpointIO, RNGState, UpdateCheckpoint
@@ -122,6 +123,8 @@ def describe_run(cfg: DictConfig, trainer: L.Trainer) -> str:
 
 def main(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.trainer.accelerator == "cpu":
+        reuse_freed_memory()
     directory = run_dir(cfg)
     (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
