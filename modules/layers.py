@@ -9,6 +9,7 @@ from torch import nn
 
 from modules.attention import MultiHeadAttention
 from modules.config import TransformerConfig
+from modules.dropout import Dropout
 from modules.feedforward import PositionwiseFeedForward
 
 
@@ -23,7 +24,7 @@ class ResidualConnection(nn.Module):
     def __init__(self, d_model: int, dropout: float, norm: str) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.pre_norm = norm == "pre"
 
     def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.config import TransformerConfig
+from modules.dropout import Dropout
 from modules.embedding import LearnedPositionalEmbedding, ScaledEmbedding, SinusoidalPositionalEncoding
 from modules.layers import DecoderLayer, EncoderLayer
 from modules.masks import causal_bias, padding_bias
@@ -29,7 +30,7 @@ class Encoder(nn.Module):
         self.embedding = embedding
         self.positional = _positional(cfg)
         # "we apply dropout to the sums of the embeddings and the positional encodings" (section 5.4)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
         # Pre-LN leaves the residual stream un-normalized, so the stack ends with one more LayerNorm.
         self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
@@ -52,7 +53,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embedding = embedding
         self.positional = _positional(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
 
