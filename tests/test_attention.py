@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from modules.attention import MultiHeadAttention, scaled_dot_product_attention
@@ -32,12 +33,16 @@ def test_attention_equals_explicit_formula():
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, 5))
 
 
-def test_multi_head_equals_per_head_projections():
-    """MultiHead = Concat(head_1..head_h) W^O with head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V), d_k != d_v."""
+@pytest.mark.parametrize("kind", ["self", "encoder-decoder"])
+def test_multi_head_equals_per_head_projections(kind):
+    """MultiHead = Concat(head_1..head_h) W^O with head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V), d_k != d_v, in
+    value and in the gradients of W^Q, W^K, W^V: the module computes the projections of one input in a single
+    matmul of the concatenated weights (MultiHeadAttention._project_qkv), the reference per head and matrix."""
     torch.manual_seed(0)
     d_model, h, d_k, d_v = 16, 4, 3, 5
     mha = MultiHeadAttention(d_model, h, d_k, d_v)
-    x, mem = torch.randn(2, 6, d_model), torch.randn(2, 9, d_model)
+    x = torch.randn(2, 6, d_model)
+    mem = x if kind == "self" else torch.randn(2, 9, d_model)
     heads = []
     for i in range(h):
         wq, bq = mha.w_q.weight[i * d_k : (i + 1) * d_k], mha.w_q.bias[i * d_k : (i + 1) * d_k]
@@ -47,7 +52,13 @@ def test_multi_head_equals_per_head_projections():
         weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d_k), dim=-1)
         heads.append(weights @ v)
     expected = torch.cat(heads, dim=-1) @ mha.w_o.weight.T + mha.w_o.bias
-    torch.testing.assert_close(mha(x, mem), expected, rtol=1e-5, atol=1e-5)
+    projections = [mha.w_q.weight, mha.w_k.weight, mha.w_v.weight, mha.w_q.bias, mha.w_v.bias]
+    expected_grads = torch.autograd.grad(expected.square().sum(), projections)
+    out = mha(x, mem)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), projections)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_masked_positions_get_zero_weight():
