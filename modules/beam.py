@@ -116,9 +116,13 @@ def beam_search(
         ext_lp = live_lp[:, :, None] + token_lp  # (active, beams, vocab): log P of every extension
         width = min(beam_size, beams * vocab)
 
+        # One sort serves steps 2 and 3: each beam has a single <eos> extension, so at most `beams` <= K of the 2K
+        # best end, and the K best that do not end are among them (one topk over beams x vocab instead of two).
+        cand_lp, cand_idx = ext_lp.view(active, -1).topk(min(2 * width, beams * vocab), dim=1)  # best first
+
         # 2. Of the K best extensions, those ending in <eos> are finished: merged with the finished ones, the
         #    nbest best (by score) kept. Extensions of one step share one length, hence one lp.
-        top_lp, top_idx = ext_lp.view(active, -1).topk(width, dim=1)  # (active, width), best first
+        top_lp, top_idx = cand_lp[:, :width], cand_idx[:, :width]  # (active, width)
         ends = top_idx.remainder(vocab).eq(eos_id)
         new_score = torch.where(ends, top_lp / length_penalty(step + 1, alpha), NEG_INF)  # (active, width)
         new_tokens = live_tokens.gather(1, top_idx.div(vocab, rounding_mode="floor")[:, :, None].expand(-1, -1, step))
@@ -128,8 +132,12 @@ def beam_search(
         fin_len = torch.cat([fin_len, torch.full_like(top_lp, step, dtype=torch.long)], 1).gather(1, keep)
         fin_tokens = torch.cat([fin_tokens, new_tokens], 1).gather(1, keep[:, :, None].expand(-1, -1, max_len))
 
-        # 3. The K best extensions that do not end stay live.
-        live_lp, live_idx = ext_lp.masked_fill(is_eos, NEG_INF).view(active, -1).topk(width, dim=1)
+        # 3. The K best extensions that do not end stay live: the first K candidates not ending in <eos> (a stable
+        #    sort of the candidates by "ends" keeps their best-first order).
+        cand_ends = cand_idx.remainder(vocab).eq(eos_id)  # (active, 2K)
+        order = cand_ends.to(torch.uint8).sort(dim=1, stable=True).indices[:, :width]  # (active, width)
+        # (with fewer than K that do not end, as at a first step with vocab <= K, the rest are empty -inf slots)
+        live_lp, live_idx = cand_lp.masked_fill(cand_ends, NEG_INF).gather(1, order), cand_idx.gather(1, order)
         parent = live_idx.div(vocab, rounding_mode="floor")  # (active, width) the beam each one extends
         parent_tokens = live_tokens.gather(1, parent[:, :, None].expand(-1, -1, step))
         live_tokens = torch.cat([parent_tokens, live_idx.remainder(vocab)[:, :, None]], 2)  # (active, width, step+1)
