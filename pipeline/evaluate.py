@@ -139,17 +139,28 @@ def translate_ids(
     eos_id: int,
     max_tokens: int,
     device: torch.device,
+    precision: str = "32-true",
 ) -> list[list[Hypothesis]]:
     """Decode every source (ids without eos) in length-sorted batches; each sentence's hypotheses (best first)
-    come back in input order."""
+    come back in input order.
+
+    precision "bf16-mixed" runs the model under bf16 autocast, as training does (the search's log-softmax and
+    scores stay float32): on this project's 2-core CPU beam 4 decoded Multi30k test about 1.3x faster, with
+    sacreBLEU 26.39 against 26.31 in float32 (bench/decode_vs_fairseq.json). "32-true": float32 throughout.
+    """
+    if precision not in ("32-true", "bf16-mixed"):
+        raise ValueError(f"decoding precision must be 32-true or bf16-mixed, got {precision!r} (evaluate.precision)")
     lengths = np.array([len(s) + 1 for s in sources])  # + eos
     hyps: list[list[Hypothesis]] = [[] for _ in sources]
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     for batch in length_batches(lengths, max_tokens):
         src = torch.full((len(batch), int(lengths[batch].max())), pad_id, dtype=torch.long)  # (batch, src_len)
         for row, i in enumerate(batch):
             src[row, : lengths[i] - 1] = torch.from_numpy(np.asarray(sources[i], dtype=np.int64))
             src[row, lengths[i] - 1] = eos_id
-        for i, hyp in zip(batch, search(model, src.to(device)), strict=True):
+        with bf16:
+            results = search(model, src.to(device))
+        for i, hyp in zip(batch, results, strict=True):
             hyps[i] = hyp
     return hyps
 
@@ -227,9 +238,17 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     model.to(device)
 
     search, decoding = make_search(cfg.evaluate, tokenizer.bos_id, tokenizer.eos_id)
+    decoding["precision"] = cfg.evaluate.precision
     started = time.perf_counter()
     nbest = translate_ids(
-        model, sources, search, tokenizer.pad_id, tokenizer.eos_id, int(cfg.evaluate.max_tokens), device
+        model,
+        sources,
+        search,
+        tokenizer.pad_id,
+        tokenizer.eos_id,
+        int(cfg.evaluate.max_tokens),
+        device,
+        cfg.evaluate.precision,
     )
     hypotheses = tokenizer.decode([hyps[0].tokens for hyps in nbest])
     seconds = time.perf_counter() - started

@@ -43,6 +43,7 @@ class Translator:
     cleaner: Cleaner
     search: Search  # pipeline/evaluate.make_search: each sentence's n-best list
     max_tokens: int
+    precision: str
     device: torch.device
 
     def __call__(self, lines: list[str]) -> list[list[tuple[float, str]]]:
@@ -52,7 +53,14 @@ class Translator:
         sources = self.tokenizer.encode([texts[i] for i in todo])
         results: list[list[tuple[float, str]]] = [[(float("nan"), "")] for _ in lines]
         nbests = translate_ids(
-            self.model, sources, self.search, self.tokenizer.pad_id, self.tokenizer.eos_id, self.max_tokens, self.device
+            self.model,
+            sources,
+            self.search,
+            self.tokenizer.pad_id,
+            self.tokenizer.eos_id,
+            self.max_tokens,
+            self.device,
+            self.precision,
         )
         for i, nbest in zip(todo, nbests, strict=True):
             decoded = self.tokenizer.decode([hyp.tokens for hyp in nbest])
@@ -73,6 +81,7 @@ def load_translator(cfg: DictConfig) -> tuple[Translator, Path]:
         cleaner=Cleaner(datamodule.cfg.get("clean"), filters=False),
         search=make_search(cfg.translate, tokenizer.bos_id, tokenizer.eos_id, section="translate")[0],
         max_tokens=int(cfg.translate.max_tokens),
+        precision=cfg.translate.precision,
         device=device,
     )
     return translator, checkpoint_path

@@ -237,7 +237,8 @@ def test_evaluate_scores_like_the_sacrebleu_command_line(
     # earlier decoding is removed.
     cli.main(["evaluate", *overrides, "evaluate.beam=1", no_wandb])
     result = json.loads((run / "eval-test.json").read_text())
-    assert result["decoding"] == {"search": "greedy", "max_extra": 50, "max_tokens": 200, "device": "cpu"}
+    decoding = {"search": "greedy", "max_extra": 50, "max_tokens": 200, "device": "cpu", "precision": "32-true"}
+    assert result["decoding"] == decoding
     assert not (run / "eval-test.nbest.txt").exists()
     greedy = hyp_file.read_text(encoding="utf-8").splitlines()
     assert greedy[:4] == [module.translate([s], tokenizer, beam=1)[0] for s in sources[:4]]

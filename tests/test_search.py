@@ -286,3 +286,29 @@ def test_validation_translations_use_val_beam() -> None:
     old = TranslationModule(**old_hparams)
     old.load_state_dict(module.state_dict())
     assert old.translate(sentences, _SpaceSeparatedIds()) == greedy
+
+
+def test_bf16_decoding_runs_in_bf16_and_scores_like_float32() -> None:
+    """translate_ids(precision="bf16-mixed") (evaluate.precision): the decoder's matmuls run in bf16, and each
+    hypothesis' log-probability is the float32 model's, teacher-forced, within bf16's precision; nothing else
+    changes (the hypotheses are complete sentences). An unknown precision names the key."""
+    from pipeline.evaluate import translate_ids
+
+    model = _model(5, vocab=40)
+    src = _sources([5, 8, 3, 7, 6, 4], vocab=40, seed=5)
+    sources = [_unpadded(src, row)[:-1].tolist() for row in range(src.size(0))]  # ids without <eos>
+
+    def search(model, batch):  # noqa: ANN001
+        return beam_search(model, batch, BOS, EOS, beam_size=4, alpha=0.6, max_extra=5)
+
+    dtypes = set()
+    hook = model.decoder.layers[0].ffn.w_1.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+    nbest = translate_ids(model, sources, search, PAD, EOS, 64, torch.device("cpu"), "bf16-mixed")
+    hook.remove()
+    assert dtypes == {torch.bfloat16}
+    for row, hyps in enumerate(nbest):
+        source = torch.tensor([*sources[row], EOS])
+        float32 = _log_prob(model, source, hyps[0].tokens)
+        assert abs(hyps[0].log_prob - float32) <= 0.02 * abs(float32) + 0.05, (row, hyps[0].log_prob, float32)
+    with pytest.raises(ValueError, match="evaluate.precision"):
+        translate_ids(model, sources, search, PAD, EOS, 64, torch.device("cpu"), "16-mixed")
