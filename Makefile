@@ -47,9 +47,13 @@ $(FAIRSEQ_VENV)/bin/fairseq-train:
 	$(FAIRSEQ_VENV)/bin/pip install --quiet torch==2.13.0
 	$(FAIRSEQ_VENV)/bin/pip install --quiet fairseq-fixed==0.12.3.1
 
-# Training tokens/s side by side with fairseq (bench/vs_fairseq.json); ARGS e.g. "--models small --rounds 2".
+# Issue 6's table, each in bench/<name>.json: training tokens/s side by side with fairseq (ARGS to vs_fairseq.py,
+# e.g. "--models small --rounds 2"), beam-4 decoding side by side with fairseq-generate, and where an update's time
+# goes (MFU, profile, padding). About an hour on 2 cores, most of it fairseq.
 bench: $(STAMP) $(FAIRSEQ_VENV)/bin/fairseq-train
 	$(BIN)/python bench/vs_fairseq.py --fairseq-venv $(FAIRSEQ_VENV) $(ARGS)
+	$(BIN)/python bench/decode_vs_fairseq.py --fairseq-venv $(FAIRSEQ_VENV)
+	$(BIN)/python bench/step_profile.py
 
 clean:
 	rm -rf $(VENV) outputs

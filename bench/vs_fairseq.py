@@ -52,14 +52,15 @@ SHARED = (
 )
 
 
-def fairseq_data(work: Path, venv: Path, vocab_size: int) -> Path:
-    """Multi30k train/valid as SentencePiece pieces, binarized by fairseq-preprocess with our vocabulary padded to
-    vocab_size entries; made once per vocabulary size."""
+def fairseq_data(work: Path, venv: Path, vocab_size: int, splits: tuple[str, ...] = ("train", "valid")) -> Path:
+    """Multi30k `splits` as SentencePiece pieces, binarized by fairseq-preprocess with our vocabulary padded to
+    vocab_size entries; each split made once per vocabulary size."""
     from data import TranslationDataModule
     from pipeline.config import load_config, output_dir
 
     bin_dir = work / f"bin-{vocab_size}"
-    if (bin_dir / "train.en-de.de.bin").is_file():
+    missing = [split for split in splits if not (bin_dir / f"{split}.en-de.de.bin").is_file()]
+    if not missing:
         return bin_dir
     cfg = load_config([])
     datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
@@ -67,7 +68,7 @@ def fairseq_data(work: Path, venv: Path, vocab_size: int) -> Path:
     tokenizer = datamodule.tokenizer
     text = work / "text"
     text.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "valid"):
+    for split in missing:
         pairs = datamodule.splits[split]
         for side, lang in ((0, "en"), (1, "de")):
             with open(text / f"{split}.{lang}", "w", encoding="utf-8") as f:
@@ -79,10 +80,12 @@ def fairseq_data(work: Path, venv: Path, vocab_size: int) -> Path:
     words += [f"madeupfiller{i}" for i in range(vocab_size - 4 - len(words))]
     dictionary = work / f"dict-{vocab_size}.txt"
     dictionary.write_text("".join(f"{w} 1\n" for w in words), encoding="utf-8")
+    prefixes = [arg for split in missing for arg in (f"--{split}pref", str(text / split))]
+    for lang in ("en", "de"):  # fairseq-preprocess refuses to overwrite them; they are the same dictionary
+        (bin_dir / f"dict.{lang}.txt").unlink(missing_ok=True)
     subprocess.run(
-        [str(venv / "bin" / "fairseq-preprocess"), "--source-lang", "en", "--target-lang", "de",
-         "--trainpref", str(text / "train"), "--validpref", str(text / "valid"), "--destdir", str(bin_dir),
-         "--srcdict", str(dictionary), "--joined-dictionary", "--workers", "2"],
+        [str(venv / "bin" / "fairseq-preprocess"), "--source-lang", "en", "--target-lang", "de", *prefixes,
+         "--destdir", str(bin_dir), "--srcdict", str(dictionary), "--joined-dictionary", "--workers", "2"],
         check=True, capture_output=True,
     )  # fmt: skip
     return bin_dir
