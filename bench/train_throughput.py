@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from data import TranslationDataModule
 from modules.lightning import TranslationModule
 from pipeline.config import load_config, output_dir
+from pipeline.host import reuse_freed_memory
 
 CONFIGS = {
     "small": ["model=small"],
@@ -51,6 +52,7 @@ class StepTimer(L.Callback):
 
 def measure(model_name: str, precision: str, datamodule: TranslationDataModule, steps: int, warmup: int) -> float:
     datamodule.cfg["max_tokens"] = MAX_TOKENS[model_name]
+    reuse_freed_memory()  # as `aiayn train` does on CPU
     cfg = load_config(CONFIGS[model_name])
     module = TranslationModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
@@ -75,8 +77,11 @@ def measure(model_name: str, precision: str, datamodule: TranslationDataModule, 
     return timer.tokens / timer.seconds
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-`repeats` GFLOP/s of one n x n x n matmul: this machine's ceiling, measured in the same run."""
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 50) -> float:
+    """Best-of-`repeats` GFLOP/s of one n x n x n matmul: this machine's ceiling, measured in the same run.
+
+    One such bf16 matmul takes about 7 ms here, short enough for a neighbour's load to slow any single one: best of
+    10 ranged from 2.08 to 2.49 TFLOP/s over five calls in a row, best of 50 reached 2.71."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):  # warm-up: oneDNN/AMX kernel selection; one call measured 1.37 TFLOP/s where later ones 2.3
         a @ b
