@@ -48,7 +48,9 @@ def test_cached_encoding_equals_sentencepiece_on_the_corpora(corpus: list[str], 
     sentences = corpus + ODD
     expected = tokenizer.sp.encode(sentences, out_type=int)
     got = [
-        ids for start in range(0, len(sentences), 10_000) for ids in tokenizer.encode(sentences[start : start + 10_000])
+        ids
+        for start in range(0, len(sentences), 10_000)
+        for ids in tokenizer.encode(sentences[start : start + 10_000], num_threads=1)
     ]
     assert got == expected
     assert 0 < len(tokenizer._word_ids) < sum(len(s.split(" ")) for s in sentences) // 5  # mostly lookups
@@ -59,6 +61,11 @@ def test_a_full_cache_stays_bounded_and_correct(corpus: list[str], model: Path, 
     monkeypatch.setattr(tokenizer_module, "WORD_CACHE_SIZE", 1000)
     tokenizer = Tokenizer(model)
     sentences = corpus[:20_000]
-    got = [ids for start in range(0, len(sentences), 3000) for ids in tokenizer.encode(sentences[start : start + 3000])]
+    got = [
+        ids
+        for start in range(0, len(sentences), 3000)
+        for ids in tokenizer.encode(sentences[start : start + 3000], num_threads=1)
+    ]
     assert got == tokenizer.sp.encode(sentences, out_type=int)
     assert len(tokenizer._word_ids) == 1000
+    assert tokenizer.encode(sentences[:100]) == tokenizer.sp.encode(sentences[:100], out_type=int)  # all threads
