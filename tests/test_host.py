@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
 import pytest
-
-from pipeline.host import reuse_freed_memory
 
 # Four "training steps" after a first one: 8 activations of 16 MB, a 256 MB logits tensor and its gradient, all
 # freed at the end of the step. Prints the page faults of the four.
@@ -30,7 +29,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 PAGES = 4 * (8 * 16 + 2 * 256) * 2**20 // 4096  # the four steps' allocations, in 4 KB pages
 
 
-@pytest.mark.skipif(not reuse_freed_memory(), reason="glibc only: the setting is a no-op elsewhere")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only: the setting is a no-op elsewhere")
 def test_freed_large_tensors_are_reused_without_page_faults():
     """glibc's default serves each block over 32 MB with a fresh mmap, and freed 16 MB blocks can go back to the
     kernel too: most of the pages are faulted in again every step (measured: 565k-598k of 655k). With
