@@ -16,7 +16,7 @@ Every source becomes an on-disk, memory-mapped Arrow table (flat memory at any c
     where      null, or "<file> line <n>: <what is wrong>" for that issue
     crlf       how many of the pair's lines ended in "\\r\\n" (the "\\r" is removed and counted, never an error)
 
-Line-based files (text, TSV, JSONL) are read by `LineReader` below and written to Arrow in batches (`_from_rows`),
+Line-based files (text, TSV, JSONL) are read by `LineReader` below and written to Arrow in batches (`_from_batches`),
 not with HF's "text"/"csv"/"json" builders: the "text" builder opens files with universal newlines, so a stray
 "\\r" inside a line silently splits it in two (and shifts every later pair), and it fails on invalid UTF-8 without
 naming the line; pandas' csv reader treats quotes and "NA" specially. Reading the bytes ourselves keeps row i
@@ -262,9 +262,9 @@ def read_lines(path: Path) -> Iterator[tuple[int, str, str | None, str | None, b
                 yield lineno, text, issue, where, bool(crlf)
 
 
-def _text_pair_rows(src: str, tgt: str, stamp: Any) -> Iterator[tuple]:
-    """Rows of two aligned text files, read ARROW_BATCH_ROWS lines at a time from each. `stamp` (sizes, mtimes)
-    only keys the Arrow cache."""
+def _text_pair_batches(src: str, tgt: str, stamp: Any) -> Iterator[tuple[list, ...]]:
+    """Column batches (FEATURES order) of two aligned text files, read ARROW_BATCH_ROWS lines at a time from each.
+    `stamp` (sizes, mtimes) only keys the Arrow cache."""
     with LineReader(Path(src)) as src_lines, LineReader(Path(tgt)) as tgt_lines:
         while True:
             s_text, s_issue, s_where, s_crlf = src_lines.take(ARROW_BATCH_ROWS)
@@ -286,8 +286,13 @@ def _text_pair_rows(src: str, tgt: str, stamp: Any) -> Iterator[tuple]:
                 wheres = [a or b for a, b in zip(s_where, t_where, strict=True)]
             else:
                 issues, wheres = s_issue, s_where
-            crlf = list(map(add, s_crlf, t_crlf))
-            yield from zip(s_text, t_text, issues, wheres, crlf, strict=True)
+            yield s_text, t_text, issues, wheres, list(map(add, s_crlf, t_crlf))
+
+
+def _in_batches(rows: Iterator[tuple]) -> Iterator[tuple[list, ...]]:
+    """Rows (tuples in FEATURES order) -> column batches of ARROW_BATCH_ROWS rows."""
+    while chunk := list(islice(rows, ARROW_BATCH_ROWS)):
+        yield tuple(map(list, zip(*chunk, strict=True)))
 
 
 def _tsv_rows(path: str, src_col: int, tgt_col: int, stamp: Any) -> Iterator[tuple]:
@@ -352,25 +357,25 @@ def _stamp(paths: list[Path]) -> str:
     return json.dumps([READER_VERSION] + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths])
 
 
-def _from_rows(rows: Callable[..., Iterator[tuple]], kwargs: dict, cache_dir: Path) -> datasets.Dataset:
-    """Write the rows (tuples in FEATURES order) to an Arrow file under cache_dir, reused while the files are
-    unchanged, and open it memory-mapped with `datasets.Dataset.from_file`.
+def _from_batches(
+    batches: Callable[..., Iterator[tuple[list, ...]]], kwargs: dict, cache_dir: Path
+) -> datasets.Dataset:
+    """Write the column batches (lists in FEATURES order) to an Arrow file under cache_dir, reused while the files
+    are unchanged, and open it memory-mapped with `datasets.Dataset.from_file`.
 
-    Rows are turned into Arrow columns ARROW_BATCH_ROWS at a time by pyarrow (C++), not example by example as
+    Each batch of columns becomes Arrow arrays in pyarrow (C++), not example by example as
     `Dataset.from_generator` does (its per-example feature encoding took ~80% of a prepare run). The file is
     written under a temporary name and renamed, so a killed run never leaves a truncated cache behind.
     """
-    key = hashlib.sha256(json.dumps([rows.__name__, kwargs], sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir / "aiayn_arrow" / f"{rows.__name__.strip('_')}-{key}.arrow"
+    key = hashlib.sha256(json.dumps([batches.__name__, kwargs], sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir / "aiayn_arrow" / f"{batches.__name__.strip('_')}-{key}.arrow"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         schema = FEATURES.arrow_schema
         try:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-                iterator = rows(**kwargs)
-                while chunk := list(islice(iterator, ARROW_BATCH_ROWS)):
-                    columns = zip(*chunk, strict=True)
+                for columns in batches(**kwargs):
                     arrays = [pa.array(column, type=f.type) for column, f in zip(columns, schema, strict=True)]
                     writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
             os.replace(tmp, path)
@@ -379,20 +384,28 @@ def _from_rows(rows: Callable[..., Iterator[tuple]], kwargs: dict, cache_dir: Pa
     return datasets.Dataset.from_file(str(path))
 
 
+def _tsv_batches(**kwargs: Any) -> Iterator[tuple[list, ...]]:
+    return _in_batches(_tsv_rows(**kwargs))
+
+
+def _jsonl_batches(**kwargs: Any) -> Iterator[tuple[list, ...]]:
+    return _in_batches(_jsonl_rows(**kwargs))
+
+
 def load_source(source: Source, cache_dir: Path) -> datasets.Dataset:
     """One source as an Arrow table with the FEATURES columns."""
     files, opt = source.files, source.options
     if source.kind == "text":
         stamp = _stamp([files["src"], files["tgt"]])
-        return _from_rows(
-            _text_pair_rows, {"src": str(files["src"]), "tgt": str(files["tgt"]), "stamp": stamp}, cache_dir
+        return _from_batches(
+            _text_pair_batches, {"src": str(files["src"]), "tgt": str(files["tgt"]), "stamp": stamp}, cache_dir
         )
     if source.kind == "tsv":
         kwargs = {"path": str(files["file"]), "src_col": opt["src_col"], "tgt_col": opt["tgt_col"]}
-        return _from_rows(_tsv_rows, {**kwargs, "stamp": _stamp([files["file"]])}, cache_dir)
+        return _from_batches(_tsv_batches, {**kwargs, "stamp": _stamp([files["file"]])}, cache_dir)
     if source.kind == "jsonl":
         kwargs = {"path": str(files["file"]), "src_field": opt["src_field"], "tgt_field": opt["tgt_field"]}
-        return _from_rows(_jsonl_rows, {**kwargs, "stamp": _stamp([files["file"]])}, cache_dir)
+        return _from_batches(_jsonl_batches, {**kwargs, "stamp": _stamp([files["file"]])}, cache_dir)
     if source.kind == "parquet":
         raw = datasets.load_dataset("parquet", data_files=str(files["file"]), split="train", cache_dir=str(cache_dir))
         return _to_features(raw, opt, str(files["file"]))
