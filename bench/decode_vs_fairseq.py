@@ -8,7 +8,7 @@ takes an existing one of ours instead.
 
 Then the 1,000 Multi30k test sentences (test_2016_flickr) are translated, rounds alternating which goes first, with
 beam 4, length penalty α 0.6, outputs up to source length + 50 tokens and batches of 4096 source tokens:
-  ours     pipeline/evaluate.translate_ids with modules/beam.beam_search (what `aiayn evaluate` runs), timed
+  ours     pipeline/evaluate.translate_ids with make_search(evaluate.*) (what `aiayn evaluate` runs), timed
            around the decoding, in float32 and with evaluate.precision=bf16-mixed;
   fairseq  `fairseq-generate --beam 4 --lenpen 0.6 --max-len-a 1 --max-len-b 50 --max-tokens 4096 --cpu`, its
            own "Translated N sentences ... in T s" (decoding only, like ours).
@@ -31,13 +31,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vs_fairseq import FAIRSEQ_ARCH, SHARED, fairseq_data  # noqa: E402  (bench/ is first on sys.path)
 
-BEAM, ALPHA, MAX_EXTRA, MAX_TOKENS, WARMUP = 4, 0.6, 50, 4096, 1000  # section 6.1; conf/experiment/multi30k.yaml
+MAX_TOKENS, WARMUP = 4096, 1000  # training batches and warmup of conf/experiment/multi30k.yaml
 
 
 def train_fairseq(bin_dir: Path, venv: Path, save_dir: Path, updates: int, d_model: int) -> Path:
@@ -75,11 +76,13 @@ def fairseq_env() -> dict[str, str]:
     return {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "OMP_NUM_THREADS": "2"}
 
 
-def run_fairseq_generate(bin_dir: Path, venv: Path, checkpoint: Path) -> tuple[float, list[str]]:
-    """(sentences/s as fairseq-generate reports it, best hypotheses as pieces in test-set order)."""
+def run_fairseq_generate(bin_dir: Path, venv: Path, checkpoint: Path, decoding: Any) -> tuple[float, list[str]]:
+    """(sentences/s as fairseq-generate reports it, best hypotheses as pieces in test-set order), with our
+    evaluate.* decoding settings (`decoding`) in fairseq's arguments."""
     command = [str(venv / "bin" / "fairseq-generate"), str(bin_dir), "--path", str(checkpoint), "--cpu"]
-    command += ["--gen-subset", "test", "--beam", str(BEAM), "--lenpen", str(ALPHA), "--max-tokens", str(MAX_TOKENS)]
-    command += ["--max-len-a", "1", "--max-len-b", str(MAX_EXTRA), "--num-workers", "0"]
+    command += ["--gen-subset", "test", "--beam", str(decoding.beam), "--lenpen", str(decoding.alpha)]
+    command += ["--max-tokens", str(decoding.max_tokens), "--max-len-a", "1", "--max-len-b", str(decoding.max_extra)]
+    command += ["--num-workers", "0"]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=fairseq_env())
     text = out.stdout + out.stderr
     timing = re.search(r"Translated ([\d,]+) sentences .* in ([\d.]+)s \(([\d.]+) sentences/s", text)
@@ -105,9 +108,8 @@ def main() -> None:
 
     import torch
 
-    from modules.beam import beam_search
     from pipeline.config import load_config
-    from pipeline.evaluate import load_for_inference, prepared_split, score, translate_ids
+    from pipeline.evaluate import load_for_inference, make_search, prepared_split, score, translate_ids
 
     torch.set_num_threads(2)
     bin_dir = fairseq_data(ROOT / "outputs" / "bench" / "vs_fairseq", args.fairseq_venv, 8000, splits=("test",))
@@ -120,9 +122,8 @@ def main() -> None:
     model, checkpoint, datamodule = load_for_inference(cfg, ours_checkpoint, "evaluate")
     sources, references = prepared_split(datamodule, "test")
     tokenizer = datamodule.tokenizer
-
-    def search(model, src):
-        return beam_search(model, src, tokenizer.bos_id, tokenizer.eos_id, BEAM, ALPHA, MAX_EXTRA)
+    decoding = cfg.evaluate  # section 6.1: beam 4, alpha 0.6, source length + 50; batches of 4096 tokens
+    search, _ = make_search(decoding, tokenizer.bos_id, tokenizer.eos_id)  # what `aiayn evaluate` decodes with
 
     names = ("ours/32-true", "ours/bf16-mixed", "fairseq/fp32")
     speed: dict[str, list[float]] = {name: [] for name in names}
@@ -132,13 +133,15 @@ def main() -> None:
             if name.startswith("ours"):
                 started = time.perf_counter()
                 nbest = translate_ids(
-                    model, sources, search, tokenizer.pad_id, tokenizer.eos_id, MAX_TOKENS, torch.device("cpu"),
-                    precision=name.split("/")[1],
+                    model, sources, search, tokenizer.pad_id, tokenizer.eos_id, decoding.max_tokens,
+                    torch.device("cpu"), precision=name.split("/")[1],
                 )  # fmt: skip
                 speed[name].append(len(sources) / (time.perf_counter() - started))
                 outputs[name] = tokenizer.decode([hyps[0].tokens for hyps in nbest])
             else:
-                sentences_per_sec, pieces = run_fairseq_generate(bin_dir, args.fairseq_venv, fairseq_checkpoint)
+                sentences_per_sec, pieces = run_fairseq_generate(
+                    bin_dir, args.fairseq_venv, fairseq_checkpoint, decoding
+                )
                 speed[name].append(sentences_per_sec)
                 outputs[name] = [tokenizer.sp.decode_pieces(p.split()) for p in pieces]
             print(f"round {round_}: {name:16s} {speed[name][-1]:8.2f} sentences/s", flush=True)
@@ -150,9 +153,9 @@ def main() -> None:
         words = sum(len(h.split()) for h in hyps)
         quality[name] = {"bleu": round(result["bleu"], 2), "chrf": round(result["chrf"], 2), "hyp_words": words}
     report = {
-        "what": f"beam search sentences/s (beam {BEAM}, alpha {ALPHA}, source length + {MAX_EXTRA}, batches of "
-        f"{MAX_TOKENS} tokens) on the {len(sources)} Multi30k test sentences: ours vs fairseq-generate, same model "
-        "size, same data, same number of training updates",
+        "what": f"beam search sentences/s (beam {decoding.beam}, alpha {decoding.alpha}, source length + "
+        f"{decoding.max_extra}, batches of {decoding.max_tokens} tokens) on the {len(sources)} Multi30k test "
+        "sentences: ours vs fairseq-generate, same model size, same data, same number of training updates",
         "command": "python bench/decode_vs_fairseq.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, 2 torch threads each",
