@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from data.clean import Cleaner, pair_hash
-from data.shards import flatten, write_shard
+from data.shards import write_shard
 from data.tokenizer import Tokenizer
 
 # Sentences per sentencepiece.encode call: one batch of text and ids in memory at a time per worker.
@@ -50,9 +50,7 @@ class ShardJob:
     clean: dict[str, Any]  # data.clean, resolved
     filters: bool  # pair filters and max_len: train only
     max_len: int
-    dtype: str  # token dtype name (data.shards.token_dtype)
     candidate: bool  # dedup on: write hashes and fates beside the pairs for data/dedup.py
-    num_threads: int  # sentencepiece threads: 1 in a pool worker, all cores without a pool
 
 
 @contextlib.contextmanager
@@ -97,16 +95,18 @@ def read_rows(
         del table
 
 
-def _fates(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len: int, filters: bool) -> np.ndarray:
+def _fates(src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_len: int, filters: bool) -> np.ndarray:
     """(N,) int8: EMPTY if a side encodes to nothing, TOO_LONG if a side is over max_len tokens, else WRITTEN."""
-    fates = np.zeros(len(src_ids), dtype=np.int8)
+    fates = np.zeros(len(src_lengths), dtype=np.int8)
     if filters:
-        for i, (s, t) in enumerate(zip(src_ids, tgt_ids, strict=True)):
-            if not s or not t:
-                fates[i] = EMPTY
-            elif len(s) > max_len or len(t) > max_len:
-                fates[i] = TOO_LONG
+        fates[(src_lengths > max_len) | (tgt_lengths > max_len)] = TOO_LONG
+        fates[(src_lengths == 0) | (tgt_lengths == 0)] = EMPTY
     return fates
+
+
+def _keep(ids: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(flat ids, lengths) of the sentences where `keep` is True."""
+    return ids[np.repeat(keep, lengths)], lengths[keep]
 
 
 def _concat(parts: list[tuple[np.ndarray, np.ndarray]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -122,16 +122,16 @@ def encode_shard(job: ShardJob) -> dict[str, Any]:
     padding or teach nothing); valid/test keep every line so that pair i is still line i of the reference file.
     """
     cleaner = Cleaner({**job.clean, "dedup": False}, filters=job.filters)  # dedup: data/dedup.py, in shard order
-    tokenizer, dtype = _tokenizer(job.spm_model), np.dtype(job.dtype)
+    tokenizer = _tokenizer(job.spm_model)
     src_parts, tgt_parts, hashes, fates = [], [], [], []
     for raw_src, raw_tgt, issues in read_rows(job.arrow_files, job.rows, job.start, job.stop):
         src_text, tgt_text = cleaner(raw_src, raw_tgt, issues)
-        src_ids = tokenizer.encode(src_text, num_threads=job.num_threads)
-        tgt_ids = tokenizer.encode(tgt_text, num_threads=job.num_threads)
-        fate = _fates(src_ids, tgt_ids, job.max_len, job.filters)
-        written = np.flatnonzero(fate == WRITTEN).tolist()
-        src_parts.append(flatten([src_ids[i] for i in written], dtype))
-        tgt_parts.append(flatten([tgt_ids[i] for i in written], dtype))
+        src_ids, src_lengths = tokenizer.encode_flat(src_text)
+        tgt_ids, tgt_lengths = tokenizer.encode_flat(tgt_text)
+        fate = _fates(src_lengths, tgt_lengths, job.max_len, job.filters)
+        written = fate == WRITTEN
+        src_parts.append(_keep(src_ids, src_lengths, written))
+        tgt_parts.append(_keep(tgt_ids, tgt_lengths, written))
         fates.append(fate)
         if job.candidate:
             keys = map(pair_hash, src_text, tgt_text)
@@ -144,8 +144,8 @@ def encode_shard(job: ShardJob) -> dict[str, Any]:
         Path(job.out_dir),
         job.split,
         job.index,
-        _concat(src_parts, dtype),
-        _concat(tgt_parts, dtype),
+        _concat(src_parts, tokenizer.id_dtype),
+        _concat(tgt_parts, tokenizer.id_dtype),
         extra=extra,
         lines=[job.start, job.stop],
         spm_sha256=job.spm_sha256,

@@ -63,10 +63,6 @@ class ShardPool:
         """Whether `n_jobs` jobs run on worker processes (else here, one after the other)."""
         return self.workers > 1 and n_jobs > 1
 
-    def threads_per_job(self, n_jobs: int) -> int:
-        """sentencepiece threads for each job: one per worker process, or all cores when jobs run here."""
-        return 1 if self.parallel(n_jobs) else (os.cpu_count() or 1)
-
     def run(self, items: Iterable[ShardJob | Any], n_jobs: int) -> Iterator[Any]:
         """For each item in order: a ShardJob's record once its shard is written, anything else as it is.
 

@@ -28,7 +28,6 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -229,9 +228,7 @@ def _encode_split(
         "clean": clean,
         "filters": filters,
         "max_len": cfg["max_len"],
-        "dtype": token_dtype(tokenizer.vocab_size).name,
         "candidate": dedup is not None,
-        "num_threads": 1,  # set below, once we know whether the jobs run in parallel
         "out_dir": str((pending if dedup else dataset_dir).resolve()),
     }
 
@@ -253,8 +250,6 @@ def _encode_split(
             items.append(ShardJob(index=index, start=start, stop=stop, **template))
 
     n_jobs = sum(isinstance(item, ShardJob) for item in items)
-    threads = pool.threads_per_job(n_jobs)
-    items = [replace(item, num_threads=threads) if isinstance(item, ShardJob) else item for item in items]
     shards = []
     with tqdm(total=len(corpus), desc=f"encoding {split}", unit="pairs") as bar:
         for item in pool.run(items, n_jobs):

@@ -18,7 +18,6 @@ work that does not depend on the ones before it, so an interrupted preparation r
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from pathlib import Path
@@ -47,13 +46,6 @@ def _save_atomic(path: Path, array: np.ndarray) -> str:
     return file_sha256(path)
 
 
-def flatten(seqs: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """[[5, 6], [7]] -> (flat ids [5, 6, 7], lengths [2, 1]) without a Python loop per token."""
-    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=int(lengths.sum()))
-    return flat, lengths
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
@@ -69,7 +61,7 @@ def write_shard(
 ) -> dict:
     """Write one shard's arrays, then its record `<split>/shard-NNNNN.json`, each atomically; return the record.
 
-    src, tgt: (flat token ids, length of each pair), as `flatten` returns them. `extra` arrays (e.g. the
+    src, tgt: (flat token ids, length of each pair), as Tokenizer.encode_flat returns them. `extra` arrays (e.g. the
     de-duplication keys of data/dedup.py) are written beside the shard as `shard-NNNNN.<name>.npy` and
     checksummed like the others. The record goes last: it is the proof that the shard is whole. A run killed
     at any moment leaves either no record (the shard is encoded again) or a complete shard whose sha256s are

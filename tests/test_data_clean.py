@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from data.clean import Cleaner, collapse_whitespace_batch
+from data.clean import Cleaner
 
 PAIRS = [
     ("A man rides a bike.", "Ein Mann fährt Fahrrad."),
@@ -84,18 +84,3 @@ def test_issues_are_counted_and_their_pairs_dropped():
     src, tgt = cleaner(["a", "b c", "d"], ["x", "y", "z"], [None, "invalid_utf8", None])
     assert (src, tgt) == (["a", "d"], ["x", "z"])
     assert cleaner.report()["removed"] == {"invalid_utf8": 1}
-
-
-@pytest.mark.parametrize(
-    "batch",
-    [
-        [],
-        [""],
-        ["   "],
-        [" a", "b ", "  ", "c\u00a0\u2009 d", "\te\x1cf\x0b"],
-        ["first", "has a\nnewline inside", " last "],  # a JSONL field may hold a newline
-        ["", "", " x  y ", ""],
-    ],
-)
-def test_collapsing_a_batch_equals_collapsing_each_sentence(batch):
-    assert collapse_whitespace_batch(batch) == [" ".join(t.split()) for t in batch]

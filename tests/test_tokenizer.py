@@ -1,10 +1,11 @@
-"""data/tokenizer.Tokenizer.encode, which looks words up in a cache, against sentencepiece encoding whole sentences."""
+"""Tokenizer.encode_flat, which looks words up in a cache, against sentencepiece encoding whole sentences."""
 
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data import tokenizer as tokenizer_module
@@ -41,19 +42,25 @@ def model(corpus: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_sentencepiece(corpus, tmp_path_factory.mktemp("spm") / "spm", 4000, sample_lines=40_000)
 
 
+def flat(batches: list[tuple[np.ndarray, np.ndarray]]) -> list[list[int]]:
+    """encode_flat's (ids, lengths) of consecutive batches -> one list of ids per sentence."""
+    out = []
+    for ids, lengths in batches:
+        assert ids.dtype == np.uint16 and lengths.dtype == np.int64 and lengths.sum() == len(ids)
+        out += [part.tolist() for part in np.split(ids, np.cumsum(lengths)[:-1])] if len(lengths) else []
+    return out
+
+
 def test_cached_encoding_equals_sentencepiece_on_the_corpora(corpus: list[str], model: Path) -> None:
     """Word by word through the cache, every sentence of the corpora and some odd ones (whitespace runs, tabs,
     no-break and zero-width spaces, NFKC-folded characters, unknown characters) gets sentencepiece's ids."""
     tokenizer = Tokenizer(model)
     sentences = corpus + ODD
     expected = tokenizer.sp.encode(sentences, out_type=int)
-    got = [
-        ids
-        for start in range(0, len(sentences), 10_000)
-        for ids in tokenizer.encode(sentences[start : start + 10_000], num_threads=1)
-    ]
+    got = flat(tokenizer.encode_flat(sentences[start : start + 10_000]) for start in range(0, len(sentences), 10_000))
     assert got == expected
     assert 0 < len(tokenizer._word_ids) < sum(len(s.split(" ")) for s in sentences) // 5  # mostly lookups
+    assert flat([tokenizer.encode_flat(ODD[:1])]) == [[]] and flat([tokenizer.encode_flat([])]) == []
 
 
 def test_a_full_cache_stays_bounded_and_correct(corpus: list[str], model: Path, monkeypatch) -> None:
@@ -61,11 +68,7 @@ def test_a_full_cache_stays_bounded_and_correct(corpus: list[str], model: Path, 
     monkeypatch.setattr(tokenizer_module, "WORD_CACHE_SIZE", 1000)
     tokenizer = Tokenizer(model)
     sentences = corpus[:20_000]
-    got = [
-        ids
-        for start in range(0, len(sentences), 3000)
-        for ids in tokenizer.encode(sentences[start : start + 3000], num_threads=1)
-    ]
+    got = flat(tokenizer.encode_flat(sentences[start : start + 3000]) for start in range(0, len(sentences), 3000))
     assert got == tokenizer.sp.encode(sentences, out_type=int)
     assert len(tokenizer._word_ids) == 1000
     assert tokenizer.encode(sentences[:100]) == tokenizer.sp.encode(sentences[:100], out_type=int)  # all threads
