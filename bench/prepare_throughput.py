@@ -14,8 +14,11 @@ Writes bench/prepare_throughput.json (merged by size). For each size, in one run
 Each measurement runs in its own process tree: pairs/s is over the work itself (after imports); memory is sampled
 every 0.2 s over the whole tree (the preparing process, the pool's forkserver and its workers, fairseq's workers):
 the peak of the summed RSS, of the summed PSS (shared pages counted once) and of the summed anonymous memory
-(what the programs allocate, without the page cache of memory-mapped files). The batch sampler's cost is measured
-on the largest size's lengths. The load of the shared machine (os.getloadavg) is recorded beside every number.
+(what the programs allocate, without the page cache of memory-mapped files). Ours runs twice per size: with
+data.num_prepare_workers=1 (`ours_one_worker`: one process, so peak memory across sizes shows what the corpus size
+costs) and with one worker per core (`ours`, the timed result, whose tree adds each worker's memory). The batch
+sampler's cost is measured on the largest size's lengths. The load of the shared machine (os.getloadavg) is
+recorded beside every number.
 
 The corpus is the real text of the corpora folder (Multi30k train + the WMT news sets, 55.7k pairs) repeated;
 repeat r rotates every sentence's words by r places, so the pairs differ while the word statistics stay real.
@@ -164,7 +167,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[dict, float, 
 
 
 # -- children ----------------------------------------------------------------------------------------------
-def child_ours(en: str, de: str, out: str, vocab: int, sample: int) -> None:
+def child_ours(en: str, de: str, out: str, vocab: int, sample: int, workers: str) -> None:
     sys.path.insert(0, str(ROOT))
     import data.prepare
     from pipeline.config import load_config
@@ -176,6 +179,7 @@ def child_ours(en: str, de: str, out: str, vocab: int, sample: int) -> None:
         f"model.vocab_size={vocab}",
         f"data.spm_sample_lines={sample}",
         "data.clean.dedup=false",  # the repeats are distinct pairs anyway; dedup's set is the one O(n) structure
+        f"data.num_prepare_workers={workers}",
     ]
     cfg = load_config(overrides)
     stages: dict[str, float] = {}
@@ -239,12 +243,18 @@ def child_fairseq(argv: list[str]) -> None:
 def bench_size(n: int, args, env: dict) -> dict:
     work = Path(args.work)
     en, de = make_corpus(n, work / f"corpus-{n}")
-    out = work / f"ours-{n}"
-    shutil.rmtree(out, ignore_errors=True)  # a fresh run: its text is read into Arrow, BPE trained, all encoded
     me = [sys.executable, __file__]
-    ours, wall, mem = run_measured(
-        [*me, "--child-ours", str(en), str(de), str(out), str(args.vocab), str(args.spm_sample_lines)], env
-    )
+
+    def prepare(workers: str) -> tuple[dict, float, dict]:
+        out = work / f"ours-{n}"
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run: its text is read into Arrow, BPE trained, all encoded
+        child = ["--child-ours", str(en), str(de), str(out), str(args.vocab), str(args.spm_sample_lines), workers]
+        return run_measured([*me, *child], env)
+
+    # Memory is compared at one worker too: with a pool the tree holds the workers' own memory (a shard each),
+    # which depends on how many run, not on the corpus size; one process shows what the corpus size costs.
+    one, _, one_mem = prepare("1")
+    ours, wall, mem = prepare("null")
     train = ours["train_pairs"]
     result = {
         "pairs": n,
@@ -262,8 +272,15 @@ def bench_size(n: int, args, env: dict) -> dict:
             "shards": len(train["shards"]),
             "tokens": train["src_tokens"] + train["tgt_tokens"],
         },
+        "ours_one_worker": {
+            "covers": "the same with data.num_prepare_workers=1: every shard encoded in the preparing process",
+            "seconds": round(one["seconds"], 1),
+            "pairs_per_s": round(n / one["seconds"]),
+            **one_mem,
+        },
     }
     print(f"{n:>9,} pairs  ours: {result['ours']}", flush=True)
+    print(f"{n:>9,} pairs  ours, one worker: {result['ours_one_worker']}", flush=True)
     if args.fairseq_venv:
         result["fairseq"] = bench_fairseq(n, en, de, Path(ours["dataset"]), work, args)
         fair = result["fairseq"]
@@ -344,13 +361,13 @@ def main() -> None:
     parser.add_argument("--fairseq-venv", help="a venv with fairseq-fixed==0.12.3.1 (the peer); omit to skip it")
     parser.add_argument("--work", default=str(ROOT / "outputs" / "bench" / "prepare"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "prepare_throughput.json"))
-    parser.add_argument("--child-ours", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child-ours", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--child-spm-encode", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-fairseq", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_ours:
-        en, de, out, vocab, sample = args.child_ours
-        return child_ours(en, de, out, int(vocab), int(sample))
+        en, de, out, vocab, sample, workers = args.child_ours
+        return child_ours(en, de, out, int(vocab), int(sample), workers)
     if args.child_spm_encode:
         return child_spm_encode(*args.child_spm_encode)
     if args.child_fairseq is not None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+import mmap
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from data.clean import Cleaner, pair_hash
-from data.shards import write_shard
+from data.shards import ShardWriter
 from data.tokenizer import Tokenizer
 
 # Sentences per sentencepiece.encode call: one batch of text and ids in memory at a time per worker.
@@ -54,19 +55,30 @@ class ShardJob:
 
 
 @contextlib.contextmanager
-def mapped_table(files: Sequence[str]) -> Iterator[pa.Table]:
-    """The split's rows, memory-mapped (zero copy) for the length of the `with` block, then unmapped.
+def mapped_table(files: Sequence[str]) -> Iterator[tuple[pa.Table, Callable[[], None]]]:
+    """The split's rows, memory-mapped (zero copy) for the length of the `with` block, and a function that drops
+    the pages read so far from this process's resident set (they stay in the page cache, shared).
 
-    Unmapping matters for memory: every page of the files a process reads stays in its resident set while the
-    files are mapped, so a worker that kept them mapped across shards would grow with the corpus. The caller must
-    keep no Arrow object of the table past the block (to_pylist copies are fine).
+    Dropping matters for memory: every page of the files a process reads stays in its resident set while they are
+    mapped, so a worker would grow with the rows it reads (a 250k-line shard: ~45 MB). The caller must keep no
+    Arrow object of the table past the block (to_pylist copies are fine); the files are unmapped when the last one
+    is gone.
     """
-    maps = [pa.memory_map(f) for f in files]
+    maps = []
+    for file in files:
+        with open(file, "rb") as f:
+            maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+
+    def drop_pages() -> None:
+        for m in maps:
+            m.madvise(mmap.MADV_DONTNEED)
+
     try:
-        yield pa.concat_tables([pa.ipc.open_stream(m).read_all() for m in maps])
+        yield pa.concat_tables([pa.ipc.open_stream(pa.py_buffer(m)).read_all() for m in maps]), drop_pages
     finally:
         for m in maps:
-            m.close()
+            with contextlib.suppress(BufferError):  # an Arrow buffer still refers to it: unmapped when freed
+                m.close()
 
 
 def read_record_batches(files: Sequence[str]) -> Iterator[pa.RecordBatch]:
@@ -85,13 +97,15 @@ def read_rows(
     files: tuple[str, ...], rows: int, start: int, stop: int, batch: int = ENCODE_BATCH
 ) -> Iterator[tuple[list[str], list[str], list[str | None]]]:
     """(sources, targets, issues) of rows [start, stop), `batch` rows at a time, in file order."""
-    with mapped_table(files) as table:
+    with mapped_table(files) as (table, drop_pages):
         if table.num_rows != rows:
             raise RuntimeError(f"the Arrow files {files} hold {table.num_rows} rows, not the split's {rows}")
         for i in range(start, stop, batch):
             part = table.slice(i, min(batch, stop - i))
-            yield part.column("src").to_pylist(), part.column("tgt").to_pylist(), part.column("issue").to_pylist()
+            columns = part.column("src").to_pylist(), part.column("tgt").to_pylist(), part.column("issue").to_pylist()
             del part
+            drop_pages()
+            yield columns
         del table
 
 
@@ -109,12 +123,6 @@ def _keep(ids: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> tuple[np.nd
     return ids[np.repeat(keep, lengths)], lengths[keep]
 
 
-def _concat(parts: list[tuple[np.ndarray, np.ndarray]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    if not parts:
-        return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
 def encode_shard(job: ShardJob) -> dict[str, Any]:
     """Input lines [job.start, job.stop) -> one shard (or candidate) on disk, written atomically; returns its record.
 
@@ -123,33 +131,28 @@ def encode_shard(job: ShardJob) -> dict[str, Any]:
     """
     cleaner = Cleaner({**job.clean, "dedup": False}, filters=job.filters)  # dedup: data/dedup.py, in shard order
     tokenizer = _tokenizer(job.spm_model)
-    src_parts, tgt_parts, hashes, fates = [], [], [], []
-    for raw_src, raw_tgt, issues in read_rows(job.arrow_files, job.rows, job.start, job.stop):
-        src_text, tgt_text = cleaner(raw_src, raw_tgt, issues)
-        src_ids, src_lengths = tokenizer.encode_flat(src_text)
-        tgt_ids, tgt_lengths = tokenizer.encode_flat(tgt_text)
-        fate = _fates(src_lengths, tgt_lengths, job.max_len, job.filters)
-        written = fate == WRITTEN
-        src_parts.append(_keep(src_ids, src_lengths, written))
-        tgt_parts.append(_keep(tgt_ids, tgt_lengths, written))
-        fates.append(fate)
+    hashes, fates = [], []
+    with ShardWriter(Path(job.out_dir), job.split, job.index, tokenizer.id_dtype) as writer:
+        for raw_src, raw_tgt, issues in read_rows(job.arrow_files, job.rows, job.start, job.stop):
+            src_text, tgt_text = cleaner(raw_src, raw_tgt, issues)
+            src_ids, src_lengths = tokenizer.encode_flat(src_text)
+            tgt_ids, tgt_lengths = tokenizer.encode_flat(tgt_text)
+            fate = _fates(src_lengths, tgt_lengths, job.max_len, job.filters)
+            written = fate == WRITTEN
+            writer.add(_keep(src_ids, src_lengths, written), _keep(tgt_ids, tgt_lengths, written))
+            fates.append(fate)
+            if job.candidate:
+                keys = map(pair_hash, src_text, tgt_text)
+                hashes.append(np.fromiter(keys, dtype=np.uint64, count=len(src_text)))
+        fate = np.concatenate(fates) if fates else np.zeros(0, dtype=np.int8)
+        extra = None
         if job.candidate:
-            keys = map(pair_hash, src_text, tgt_text)
-            hashes.append(np.fromiter(keys, dtype=np.uint64, count=len(src_text)))
-    fate = np.concatenate(fates) if fates else np.zeros(0, dtype=np.int8)
-    extra = None
-    if job.candidate:
-        extra = {"hash": np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64), "fate": fate}
-    return write_shard(
-        Path(job.out_dir),
-        job.split,
-        job.index,
-        _concat(src_parts, tokenizer.id_dtype),
-        _concat(tgt_parts, tokenizer.id_dtype),
-        extra=extra,
-        lines=[job.start, job.stop],
-        spm_sha256=job.spm_sha256,
-        clean=cleaner.take_report(),
-        dropped_too_long=int((fate == TOO_LONG).sum()),
-        dropped_empty=int((fate == EMPTY).sum()),
-    )
+            extra = {"hash": np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64), "fate": fate}
+        return writer.finish(
+            extra,
+            lines=[job.start, job.stop],
+            spm_sha256=job.spm_sha256,
+            clean=cleaner.take_report(),
+            dropped_too_long=int((fate == TOO_LONG).sum()),
+            dropped_empty=int((fate == EMPTY).sum()),
+        )

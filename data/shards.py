@@ -27,6 +27,8 @@ import numpy as np
 from data.errors import DataError
 from data.manifest import file_sha256, read_manifest, write_json_atomic
 
+SIDES = ("src", "tgt")
+
 
 class ShardChecksumError(DataError, RuntimeError):
     """A shard file's bytes differ from the sha256 recorded in the manifest (corrupted or edited)."""
@@ -50,6 +52,84 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
+class ShardWriter:
+    """One shard written while it is encoded: each batch's ids go straight to the shard's .npy files, so memory
+    holds a batch, not the shard (a 250k-line WMT shard is ~20 MB of ids; held and then concatenated, twice that).
+
+    The files are written under temporary names and renamed by `finish`, which writes the offsets and the record
+    last, as write_shard describes. Used as a context manager, an exception removes the temporary files.
+    The .npy header, which holds the array's length, is written at the end into the HEADER bytes kept free at the
+    start: that is where np.save puts the data of a 1-D array of any length up to 10^18 (byte-identical files).
+    """
+
+    HEADER = 128
+
+    def __init__(self, dataset_dir: Path, split: str, index: int, dtype: np.dtype):
+        self.dataset_dir, self.split, self.name, self.dtype = Path(dataset_dir), split, shard_name(index), dtype
+        (self.dataset_dir / split).mkdir(parents=True, exist_ok=True)
+        self._tmp = {kind: self._path(kind).with_name(f".{self.name}.{kind}.npy.tmp-{os.getpid()}") for kind in SIDES}
+        self._files = {kind: open(path, "wb") for kind, path in self._tmp.items()}  # noqa: SIM115 (closed in finish)
+        for f in self._files.values():
+            f.seek(self.HEADER)
+        self._lengths: dict[str, list[np.ndarray]] = {kind: [] for kind in SIDES}
+
+    def _path(self, kind: str) -> Path:
+        return self.dataset_dir / self.split / f"{self.name}.{kind}.npy"
+
+    def add(self, src: tuple[np.ndarray, np.ndarray], tgt: tuple[np.ndarray, np.ndarray]) -> None:
+        """Append a batch of pairs: (flat ids, length of each pair) per side, as Tokenizer.encode_flat returns."""
+        for kind, (ids, lengths) in zip(SIDES, (src, tgt), strict=True):
+            self._files[kind].write(np.ascontiguousarray(ids, dtype=self.dtype).data)
+            self._lengths[kind].append(np.asarray(lengths, dtype=np.int64))
+
+    def finish(self, extra: dict[str, np.ndarray] | None = None, **info) -> dict:
+        """Complete the shard (headers, renames, offsets, extras, the record last); return its record."""
+        lengths = {
+            kind: np.concatenate(parts) if parts else np.zeros(0, np.int64) for kind, parts in self._lengths.items()
+        }
+        files, tokens = {}, {}
+        for kind, f in self._files.items():
+            tokens[kind] = int(lengths[kind].sum())
+            f.seek(0)
+            header = {
+                "descr": np.lib.format.dtype_to_descr(self.dtype),
+                "fortran_order": False,
+                "shape": (tokens[kind],),
+            }
+            np.lib.format.write_array_header_1_0(f, header)
+            if f.tell() != self.HEADER:
+                raise RuntimeError(f"{self._tmp[kind]}: .npy header of {f.tell()} bytes, expected {self.HEADER}")
+            f.close()
+            os.replace(self._tmp[kind], self._path(kind))
+            files[kind] = {"file": f"{self.split}/{self.name}.{kind}.npy", "sha256": file_sha256(self._path(kind))}
+        offsets = np.zeros((len(lengths["src"]) + 1, 2), dtype=np.int64)  # (N + 1, 2)
+        offsets[1:, 0] = np.cumsum(lengths["src"])
+        offsets[1:, 1] = np.cumsum(lengths["tgt"])
+        for kind, array in (("idx", offsets), *(extra or {}).items()):
+            files[kind] = {
+                "file": f"{self.split}/{self.name}.{kind}.npy",
+                "sha256": _save_atomic(self._path(kind), array),
+            }
+        record = {
+            "name": self.name,
+            "pairs": len(offsets) - 1,
+            "src_tokens": tokens["src"],
+            "tgt_tokens": tokens["tgt"],
+        }
+        record.update(files=files, **info)
+        write_json_atomic(self.dataset_dir / self.split / f"{self.name}.json", record)
+        return record
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:  # no half shard: drop what was written
+            for kind, f in self._files.items():
+                f.close()
+                self._tmp[kind].unlink(missing_ok=True)
+
+
 def write_shard(
     dataset_dir: Path,
     split: str,
@@ -67,20 +147,9 @@ def write_shard(
     at any moment leaves either no record (the shard is encoded again) or a complete shard whose sha256s are
     in the record (it is kept). `info` (input line range, cleaning counts, ...) is stored in the record.
     """
-    (src, src_len), (tgt, tgt_len) = src, tgt
-    offsets = np.zeros((len(src_len) + 1, 2), dtype=np.int64)  # (N + 1, 2)
-    offsets[1:, 0] = np.cumsum(src_len)
-    offsets[1:, 1] = np.cumsum(tgt_len)
-    name = shard_name(index)
-    (Path(dataset_dir) / split).mkdir(parents=True, exist_ok=True)
-    files = {}
-    for kind, array in (("src", src), ("tgt", tgt), ("idx", offsets), *(extra or {}).items()):
-        rel = f"{split}/{name}.{kind}.npy"
-        files[kind] = {"file": rel, "sha256": _save_atomic(Path(dataset_dir) / rel, array)}
-    record = {"name": name, "pairs": len(src_len), "src_tokens": int(len(src)), "tgt_tokens": int(len(tgt))}
-    record.update(files=files, **info)
-    write_json_atomic(Path(dataset_dir) / split / f"{name}.json", record)
-    return record
+    with ShardWriter(dataset_dir, split, index, src[0].dtype) as writer:
+        writer.add(src, tgt)
+        return writer.finish(extra, **info)
 
 
 def load_shard(dataset_dir: Path, record: dict) -> dict[str, np.ndarray]:
