@@ -41,7 +41,9 @@ class MultiHeadAttention(nn.Module):
 
     Incremental decoding: pass a `cache` dict. For self-attention (`static_kv=False`) the new keys/values are
     appended to the cached ones; for encoder-decoder attention (`static_kv=True`) they are computed from the
-    encoder output once and reused at every step.
+    encoder output once and reused at every step. The memory may have fewer rows than the query: with g times as
+    many query rows, each g consecutive ones attend over the same memory row (beam search's g beams of a sentence
+    share its encoder output, which is then neither copied per beam nor reordered with them).
     """
 
     def __init__(self, d_model: int, n_heads: int, d_k: int, d_v: int) -> None:
@@ -110,7 +112,12 @@ class MultiHeadAttention(nn.Module):
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
 
+        groups = q.size(0) // k.size(0)
+        if groups > 1:  # (batch·g, heads, q_len, d_k) -> (batch, heads, g·q_len, d_k): g rows share one k, v
+            q = q.unflatten(0, (k.size(0), groups)).transpose(1, 2).flatten(2, 3)
         out, weights = scaled_dot_product_attention(q, k, v, bias)  # (batch, heads, q_len, d_v)
+        if groups > 1:  # and back: (batch·g, heads, q_len, d_v or k_len)
+            out, weights = (t.unflatten(2, (groups, -1)).transpose(1, 2).flatten(0, 1) for t in (out, weights))
         if self.keep_weights:
             self.last_weights = weights.detach()
         batch, _, q_len, _ = out.shape

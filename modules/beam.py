@@ -70,8 +70,8 @@ def beam_search(
 
     src: (batch, src_len) right-padded with model.cfg.pad_id. The encoder runs once; with use_cache the decoder
     gets only each step's newest token, its self-attention keys/values of earlier steps come from the cache
-    (reordered as beams are pruned) and the encoder-decoder keys/values are computed once per sentence, then
-    copied to its beams. use_cache=False runs the decoder over every whole prefix at each step instead: the same
+    (reordered as beams are pruned) and the encoder-decoder keys/values are computed once per sentence and shared
+    by its beams. use_cache=False runs the decoder over every whole prefix at each step instead: the same
     hypotheses, to measure what the cache saves.
     """
     if not 1 <= nbest <= beam_size:
@@ -87,7 +87,8 @@ def beam_search(
     is_eos = torch.arange(vocab, device=device).eq(eos_id)  # (vocab,)
 
     # Live hypotheses: `beams` per active sentence (1 at the first step), stored as rows sentence * beams + beam of
-    # the decoder's inputs (memory, src_bias, cache). A live row whose log-prob is -inf is an empty slot.
+    # the decoder's input and self-attention cache; memory, src_bias and the encoder-decoder cache have one row per
+    # active sentence. A live row whose log-prob is -inf is an empty slot.
     beams = 1
     ids = torch.arange(batch, device=device)  # (active,) each active sentence's index in src
     live_tokens = torch.empty(batch, 1, 0, dtype=torch.long, device=device)  # (active, beams, step), no <bos>
@@ -109,16 +110,23 @@ def beam_search(
         else:  # the whole prefix, <bos> y_1 .. y_step
             bos = torch.full((active * beams, 1), bos_id, dtype=torch.long, device=device)
             logits = model.decode(torch.cat([bos, live_tokens.reshape(active * beams, step)], 1), memory, src_bias)
-        token_lp = F.log_softmax(logits[:, -1].float(), dim=-1).view(active, beams, vocab)
+        token_lp = F.log_softmax(logits[:, -1], dim=-1, dtype=torch.float32)  # (active * beams, vocab), float32
         # At its sentence's length limit a hypothesis can only end.
-        at_limit = step + 1 >= limits  # (active,)
-        token_lp = token_lp.masked_fill(at_limit[:, None, None] & ~is_eos, NEG_INF)
-        ext_lp = live_lp[:, :, None] + token_lp  # (active, beams, vocab): log P of every extension
+        at_limit = (step + 1 >= limits).repeat_interleave(beams)  # (active * beams,)
+        if bool(at_limit.any()):
+            token_lp = token_lp.masked_fill(at_limit[:, None] & ~is_eos, NEG_INF)
         width = min(beam_size, beams * vocab)
 
-        # One sort serves steps 2 and 3: each beam has a single <eos> extension, so at most `beams` <= K of the 2K
-        # best end, and the K best that do not end are among them (one topk over beams x vocab instead of two).
-        cand_lp, cand_idx = ext_lp.view(active, -1).topk(min(2 * width, beams * vocab), dim=1)  # best first
+        # One topk serves steps 2 and 3: each beam has a single <eos> extension, so at most `beams` <= K of the 2K
+        # best end, and the K best that do not end are among them (one topk instead of two). The 2K best
+        # extensions of a sentence are among the 2K best tokens of each of its beams: those are found first, row by
+        # row, so the prefix log-probs are added to 2K entries per beam, not to the whole vocabulary.
+        per_row = min(2 * width, vocab)
+        row_lp, row_token = token_lp.topk(per_row, dim=1)  # (active * beams, per_row)
+        ext_lp = (live_lp.view(-1, 1) + row_lp).view(active, beams * per_row)  # log P of those extensions
+        cand_lp, cand_pos = ext_lp.topk(min(2 * width, beams * per_row), dim=1)  # (active, 2K) best first
+        # as an index into (beams x vocab): the beam it extends * vocab + its token
+        cand_idx = cand_pos.div(per_row, rounding_mode="floor") * vocab + row_token.view(active, -1).gather(1, cand_pos)
 
         # 2. Of the K best extensions, those ending in <eos> are finished: merged with the finished ones, the
         #    nbest best (by score) kept. Extensions of one step share one length, hence one lp.
@@ -163,13 +171,15 @@ def beam_search(
         # 5. The decoder's rows for the next step: row (sentence, beam) continues its parent's row.
         rows = (torch.arange(active, device=device) if kept is None else kept)[:, None] * beams + parent
         rows = rows.flatten()  # (active' * width,)
-        # The encoder side is the same for all beams of a sentence: it is only copied when the rows change
-        # sentences or count (first step: one row per sentence -> K; a done sentence leaving).
-        regrouped = kept is not None or width != beams
-        if regrouped:
-            memory, src_bias = memory.index_select(0, rows), src_bias.index_select(0, rows)
+        # The encoder side is the same for all beams of a sentence: memory, its padding bias and the cached
+        # encoder-decoder keys/values keep one row per active sentence, which the beams' rows share (see
+        # MultiHeadAttention), so only a done sentence leaving changes them.
+        if kept is not None:
+            memory, src_bias = memory.index_select(0, kept), src_bias.index_select(0, kept)
         if cache is not None:
-            Transformer.reorder_cache(cache, rows, ("self", "cross") if regrouped else ("self",))
+            Transformer.reorder_cache(cache, rows, ("self",))
+            if kept is not None:
+                Transformer.reorder_cache(cache, kept, ("cross",))
         beams = width
 
     assert all(r is not None for r in results), "beam_search: a sentence was never finished"

@@ -116,3 +116,26 @@ def test_incremental_decoding_equals_full_recomputation():
         for t in range(tgt.size(1)):
             step = model.decode(tgt[:, t : t + 1], memory, src_bias, cache, start=t)
             torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_query_rows_sharing_a_memory_row_equal_the_memory_copied_per_row(cached: bool) -> None:
+    """Beam search's layout: 3 query rows per memory row (a sentence's beams) attend exactly as if the memory and its
+    padding bias had been copied to every query row. Outputs and attention weights, with and without the cache."""
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(d_model=16, n_heads=4, d_k=4, d_v=6)
+    attention.keep_weights = True
+    memory = torch.randn(2, 5, 16)  # (sentences, src_len, d_model)
+    tokens = torch.tensor([[7, 7, 7, 0, 0], [7, 7, 7, 7, 7]])
+    bias = padding_bias(tokens, pad_id=0)  # (2, 1, 1, 5): the first sentence has 2 padded positions
+    query = torch.randn(6, 1, 16)  # (sentences * 3 beams, 1, d_model)
+    order = torch.arange(2).repeat_interleave(3)
+    cache = {} if cached else None
+    if cached:  # the encoder-decoder keys/values, computed once from the memory
+        attention(query[::3], memory, bias, cache=cache, static_kv=True)
+    shared = attention(query, memory, bias, cache=cache, static_kv=True)
+    shared_weights = attention.last_weights
+    copied = attention(query, memory[order], bias[order])
+    torch.testing.assert_close(shared, copied)
+    torch.testing.assert_close(shared_weights, attention.last_weights)
+    assert shared_weights.shape == (6, 4, 1, 5) and float(shared_weights[:3, :, :, 3:].abs().max()) == 0.0

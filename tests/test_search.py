@@ -169,6 +169,47 @@ def test_wide_beam_finds_the_best_of_every_possible_output(seed: int) -> None:
     assert any(best[row, 0.0] != best[row, 0.6] for row in range(src.size(0)))
 
 
+@torch.no_grad()
+def _reference_beam(model: Transformer, source: torch.Tensor, k: int, alpha: float, max_extra: int, nbest: int):
+    """modules/beam.py's search written out for one sentence over Python lists, every extension of every live
+    hypothesis scored from the model run teacher-forced on the whole prefix: [(tokens, score, log_prob)], best first."""
+    limit = source.numel() + max_extra
+    live, finished = [([], 0.0)], []
+    for step in range(limit):
+        extensions = []
+        for tokens, lp in live:
+            logits = model(source[None], torch.tensor([[BOS, *tokens]]))[0, -1]
+            token_lp = F.log_softmax(logits.float(), dim=-1).tolist()
+            for token, t_lp in enumerate(token_lp):
+                if step + 1 < limit or token == EOS:
+                    extensions.append((lp + t_lp, tokens + [token]))
+        extensions.sort(key=lambda e: e[0], reverse=True)
+        for lp, tokens in extensions[:k]:
+            if tokens[-1] == EOS:
+                finished.append((tokens[:-1], lp / _lp(step + 1, alpha), lp))
+        finished = sorted(finished, key=lambda f: f[1], reverse=True)[:nbest]
+        live = [(tokens, lp) for lp, tokens in extensions if tokens[-1] != EOS][:k]
+        if not live or (len(finished) == nbest and live[0][1] / _lp(limit, alpha) <= finished[-1][1]):
+            return finished
+    return finished
+
+
+def test_beam_search_equals_the_search_written_out_per_sentence() -> None:
+    """A vocabulary of 40 (so each beam's 2K = 8 best tokens, which the search looks at first, are a fifth of it),
+    beam 4, two of each sentence's best kept: the batched search returns the reference's hypotheses and scores."""
+    model = _model(5, vocab=40)
+    src = _sources([4, 7, 2, 5], vocab=40, seed=5)
+    results = beam_search(model, src, BOS, EOS, beam_size=4, alpha=0.6, max_extra=5, nbest=2)
+    lengths = []
+    for row, hyps in enumerate(results):
+        expected = _reference_beam(model, _unpadded(src, row), k=4, alpha=0.6, max_extra=5, nbest=2)
+        assert [h.tokens for h in hyps] == [tokens for tokens, _, _ in expected]
+        torch.testing.assert_close([h.score for h in hyps], [score for _, score, _ in expected], rtol=0, atol=1e-5)
+        torch.testing.assert_close([h.log_prob for h in hyps], [lp for _, _, lp in expected], rtol=0, atol=1e-5)
+        lengths += [len(h.tokens) for h in hyps]
+    assert len(set(lengths)) > 2  # outputs of several lengths: not a trivial case
+
+
 def test_batching_changes_no_sentence() -> None:
     """Each sentence decoded alone equals it decoded in a padded batch of sentences of other lengths (which also
     finish, and leave the batch, at other steps)."""
