@@ -36,6 +36,7 @@ from pipeline.average import AVERAGED_NAME, require_run_dir
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import output_dir
 from pipeline.errors import RunFolderError
+from pipeline.host import reuse_freed_memory
 from pipeline.loggers import log_run_summary
 from pipeline.paper_bleu import tokenized_bleu
 
@@ -150,6 +151,10 @@ def translate_ids(
     """
     if precision not in ("32-true", "bf16-mixed"):
         raise ValueError(f"decoding precision must be 32-true or bf16-mixed, got {precision!r} (evaluate.precision)")
+    if device.type == "cpu":
+        # Each step allocates and frees logits-sized blocks; kept by malloc instead of given back to the kernel,
+        # they are not faulted in again (Multi30k test, beam 4: 260-390k page faults per pass -> ~100k, 2-13% faster).
+        reuse_freed_memory()
     lengths = np.array([len(s) + 1 for s in sources])  # + eos
     hyps: list[list[Hypothesis]] = [[] for _ in sources]
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
