@@ -102,6 +102,8 @@ class ParallelCorpus:
                 pending = [rest] if rest.num_rows else []
             if cursor == len(indices):
                 return
+            del record_batch
+            pa.default_memory_pool().release_unused()  # else Arrow's allocator holds on to each batch read
 
     def arrow_files(self) -> list[str]:
         """The memory-mapped Arrow files holding this split's rows, in row order (read by data/encode.py workers)."""

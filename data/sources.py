@@ -378,6 +378,10 @@ def _from_batches(
                 for columns in batches(**kwargs):
                     arrays = [pa.array(column, type=f.type) for column, f in zip(columns, schema, strict=True)]
                     writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+                    del arrays
+                    # Arrow's allocator keeps freed batches' memory; left alone, what it holds grew with the
+                    # number of batches (peak RSS of reading 100k vs 4.5M pairs: 243 vs 286 MiB; released: 220/238).
+                    pa.default_memory_pool().release_unused()
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
