@@ -110,8 +110,10 @@ def main() -> None:
 
     from pipeline.config import load_config
     from pipeline.evaluate import load_for_inference, make_search, prepared_split, score, translate_ids
+    from pipeline.host import reuse_freed_memory
 
     torch.set_num_threads(2)
+    reuse_freed_memory()  # as `aiayn evaluate` does on CPU
     bin_dir = fairseq_data(ROOT / "outputs" / "bench" / "vs_fairseq", args.fairseq_venv, 8000, splits=("test",))
     fairseq_checkpoint = train_fairseq(
         bin_dir, args.fairseq_venv, args.work / f"fairseq-small-u{args.updates}", args.updates, d_model=256

@@ -43,7 +43,7 @@ from data.dedup import Deduplicator
 from data.encode import ENCODE_BATCH, ShardJob
 from data.manifest import FORMAT_VERSION, MANIFEST_NAME, file_sha256, is_complete, write_json_atomic
 from data.pool import ShardPool, resolve_workers
-from data.shards import finished_shard, load_shard, remove_shard, token_dtype, write_shard
+from data.shards import finished_shard, load_shard, remove_shard, write_shard
 from data.sources import READER_VERSION, Source, describe, parse_split
 from data.tokenizer import Tokenizer, train_sentencepiece
 
@@ -159,7 +159,7 @@ def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) 
                 "bos": tokenizer.bos_id,
                 "eos": tokenizer.eos_id,
             },
-            "token_dtype": token_dtype(tokenizer.vocab_size).name,
+            "token_dtype": tokenizer.id_dtype.name,
             "config": {**cfg, "clean": clean},
             "splits": splits,
         }

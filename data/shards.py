@@ -73,8 +73,12 @@ class ShardWriter:
             f.seek(self.HEADER)
         self._lengths: dict[str, list[np.ndarray]] = {kind: [] for kind in SIDES}
 
+    def _file(self, kind: str) -> str:
+        """A shard file's path relative to the dataset folder, as records store it."""
+        return f"{self.split}/{self.name}.{kind}.npy"
+
     def _path(self, kind: str) -> Path:
-        return self.dataset_dir / self.split / f"{self.name}.{kind}.npy"
+        return self.dataset_dir / self._file(kind)
 
     def add(self, src: tuple[np.ndarray, np.ndarray], tgt: tuple[np.ndarray, np.ndarray]) -> None:
         """Append a batch of pairs: (flat ids, length of each pair) per side, as Tokenizer.encode_flat returns."""
@@ -101,13 +105,13 @@ class ShardWriter:
                 raise RuntimeError(f"{self._tmp[kind]}: .npy header of {f.tell()} bytes, expected {self.HEADER}")
             f.close()
             os.replace(self._tmp[kind], self._path(kind))
-            files[kind] = {"file": f"{self.split}/{self.name}.{kind}.npy", "sha256": file_sha256(self._path(kind))}
+            files[kind] = {"file": self._file(kind), "sha256": file_sha256(self._path(kind))}
         offsets = np.zeros((len(lengths["src"]) + 1, 2), dtype=np.int64)  # (N + 1, 2)
         offsets[1:, 0] = np.cumsum(lengths["src"])
         offsets[1:, 1] = np.cumsum(lengths["tgt"])
         for kind, array in (("idx", offsets), *(extra or {}).items()):
             files[kind] = {
-                "file": f"{self.split}/{self.name}.{kind}.npy",
+                "file": self._file(kind),
                 "sha256": _save_atomic(self._path(kind), array),
             }
         record = {

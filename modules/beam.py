@@ -112,9 +112,9 @@ def beam_search(
             logits = model.decode(torch.cat([bos, live_tokens.reshape(active * beams, step)], 1), memory, src_bias)
         token_lp = F.log_softmax(logits[:, -1], dim=-1, dtype=torch.float32)  # (active * beams, vocab), float32
         # At its sentence's length limit a hypothesis can only end.
-        at_limit = (step + 1 >= limits).repeat_interleave(beams)  # (active * beams,)
+        at_limit = step + 1 >= limits  # (active,)
         if bool(at_limit.any()):
-            token_lp = token_lp.masked_fill(at_limit[:, None] & ~is_eos, NEG_INF)
+            token_lp = token_lp.masked_fill(at_limit.repeat_interleave(beams)[:, None] & ~is_eos, NEG_INF)
         width = min(beam_size, beams * vocab)
 
         # One topk serves steps 2 and 3: each beam has a single <eos> extension, so at most `beams` <= K of the 2K

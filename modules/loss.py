@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,15 +66,19 @@ class FusedLabelSmoothedCrossEntropy(torch.autograd.Function):
     CHUNK_ELEMENTS = 1 << 20
 
     @staticmethod
+    def chunks(rows: torch.Tensor) -> Iterator[slice]:
+        """Slices of consecutive rows of (tokens, vocab) `rows`, about CHUNK_ELEMENTS elements each."""
+        step = max(1, FusedLabelSmoothedCrossEntropy.CHUNK_ELEMENTS // rows.size(1))
+        return (slice(start, start + step) for start in range(0, rows.size(0), step))
+
+    @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, epsilon: float, pad_id: int):  # noqa: ANN001
         vocab = logits.size(-1)
         rows = logits.reshape(-1, vocab)  # (tokens, vocab), the logits' dtype
         labels = target.reshape(-1)  # (tokens,)
         lse = torch.empty(rows.size(0), dtype=torch.float32, device=logits.device)
         z_y, z_sum = torch.empty_like(lse), torch.empty_like(lse)
-        step = max(1, FusedLabelSmoothedCrossEntropy.CHUNK_ELEMENTS // vocab)
-        for start in range(0, rows.size(0), step):
-            part = slice(start, start + step)
+        for part in FusedLabelSmoothedCrossEntropy.chunks(rows):
             z = rows[part].float()  # (chunk, vocab)
             lse[part] = torch.logsumexp(z, dim=-1)
             z_y[part] = z.gather(1, labels[part, None]).squeeze(1)
@@ -93,9 +99,7 @@ class FusedLabelSmoothedCrossEntropy(torch.autograd.Function):
         rows = logits.reshape(-1, vocab)
         grad = torch.empty_like(rows)  # (tokens, vocab), the logits' dtype
         weight = real.float() * grad_loss  # (tokens,): the upstream gradient, 0 on padding
-        step = max(1, FusedLabelSmoothedCrossEntropy.CHUNK_ELEMENTS // vocab)
-        for start in range(0, rows.size(0), step):
-            part = slice(start, start + step)
+        for part in FusedLabelSmoothedCrossEntropy.chunks(rows):
             g = rows[part].float().sub_(lse[part, None]).exp_()  # softmax(z), (chunk, vocab)
             g.sub_(epsilon / vocab)
             g.scatter_add_(1, labels[part, None], torch.full_like(lse[part, None], -(1.0 - epsilon)))

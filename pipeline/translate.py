@@ -32,6 +32,7 @@ from modules.transformer import Transformer
 from pipeline.average import require_run_dir
 from pipeline.errors import RunFolderError
 from pipeline.evaluate import Search, load_for_inference, make_search, resolve_checkpoint, translate_ids
+from pipeline.host import reuse_freed_memory
 
 
 @dataclass
@@ -75,6 +76,8 @@ def load_translator(cfg: DictConfig) -> tuple[Translator, Path]:
     model, _, datamodule = load_for_inference(cfg, checkpoint_path, "translate")
     tokenizer = datamodule.tokenizer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        reuse_freed_memory()  # as `aiayn evaluate` does: beam steps' freed blocks are reused, not faulted in again
     translator = Translator(
         model=model.to(device),
         tokenizer=tokenizer,
