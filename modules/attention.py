@@ -27,9 +27,27 @@ def scaled_dot_product_attention(
     scores = (q * (1.0 / math.sqrt(d_k))) @ k.transpose(-2, -1)  # (batch, heads, q_len, k_len)
     if bias is not None:
         scores = scores + bias
-    # The softmax runs in float32 even under bf16 autocast: its sums are where low precision hurts.
-    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    weights = softmax_float32(scores).to(v.dtype)
     return weights @ v, weights  # (batch, heads, q_len, d_v)
+
+
+# torch's CPU softmax over a last dimension shorter than this (one AVX-512 vector of float32) takes a slow path:
+# 13 keys (a median Multi30k sentence), (315, 8, 13, 13) bf16 scores: 3.3 ms, against 0.44 ms padded to 16.
+SHORT_SOFTMAX = 16
+
+
+def softmax_float32(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over the keys (last dimension), computed in float32 even under bf16 autocast: its sums are where low
+    precision hurts.
+
+    On CPU, fewer than SHORT_SOFTMAX keys are padded with -inf scores first and the padding dropped after: exp(-inf)
+    is exactly 0, so the maximum, the sum and every real weight are unchanged, and it runs at the fast path's speed.
+    """
+    k_len = scores.size(-1)
+    if scores.device.type == "cpu" and k_len < SHORT_SOFTMAX:
+        padded = F.pad(scores, (0, SHORT_SOFTMAX - k_len), value=float("-inf"))
+        return F.softmax(padded, dim=-1, dtype=torch.float32)[..., :k_len]
+    return F.softmax(scores, dim=-1, dtype=torch.float32)
 
 
 class MultiHeadAttention(nn.Module):

@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from modules.attention import MultiHeadAttention, scaled_dot_product_attention
+from modules.attention import SHORT_SOFTMAX, MultiHeadAttention, scaled_dot_product_attention, softmax_float32
 from modules.config import TransformerConfig
-from modules.masks import causal_bias, padding_bias
+from modules.masks import MASKED, causal_bias, padding_bias
 from modules.transformer import Transformer
 
 
@@ -139,3 +140,25 @@ def test_query_rows_sharing_a_memory_row_equal_the_memory_copied_per_row(cached:
     torch.testing.assert_close(shared, copied)
     torch.testing.assert_close(shared_weights, attention.last_weights)
     assert shared_weights.shape == (6, 4, 1, 5) and float(shared_weights[:3, :, :, 3:].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_softmax_padding_gives_torch_softmax(dtype):
+    """softmax_float32 pads fewer than SHORT_SOFTMAX keys with -inf on CPU: the same weights (float32) and
+    gradients as torch's softmax over the unpadded keys, for every key length around the threshold, with masked
+    keys (MASKED bias) and a fully masked row."""
+    torch.manual_seed(0)
+    for k_len in range(1, SHORT_SOFTMAX + 3):
+        scores = (4 * torch.randn(3, 2, 5, k_len)).to(dtype)
+        scores[0, :, :, -1] = MASKED
+        scores[1, 0, 2, :] = MASKED
+        results = []
+        for fn in (softmax_float32, lambda s: F.softmax(s, dim=-1, dtype=torch.float32)):
+            leaf = scores.clone().requires_grad_(True)
+            weights = fn(leaf)
+            (weights * torch.arange(k_len)).sum().backward()
+            results.append((weights, leaf.grad))
+        (ours, our_grad), (theirs, their_grad) = results
+        assert ours.dtype == torch.float32 and ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(our_grad, their_grad, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
