@@ -36,10 +36,12 @@ class RNGState(L.Callback):
     the state a checkpoint holds is exactly the one the next batch starts from, in the uninterrupted run and in the
     resumed one alike (which, for instance, skips the validation the uninterrupted run did right after the save).
 
-    Under DDP every rank consumes its generators differently (its own batch shapes), so the checkpoint holds all
-    ranks' states, gathered on every save (the one rank that writes the file has them all), and each rank restores
-    its own. Resuming with another world size raises: neither these states nor the sampler's per-rank position
-    (data/batching.py) could be continued exactly.
+    Under DDP every rank starts from the same seed (`seed_everything`); at setup each rank's torch generator is
+    reseeded with seed + rank, so that ranks draw different dropout masks (modules/dropout.py draws one number per
+    mask from it, the same count on every rank: without this, ranks would apply identical masks). The checkpoint
+    therefore holds all ranks' states, gathered on every save (the one rank that writes the file has them all),
+    and each rank restores its own. Resuming with another world size raises: neither these states nor the
+    sampler's per-rank position (data/batching.py) could be continued exactly.
     """
 
     def __init__(self) -> None:
@@ -48,6 +50,8 @@ class RNGState(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        if stage == "fit" and trainer.world_size > 1:  # a resumed run's states replace this at its first batch
+            torch.manual_seed(torch.initial_seed() + trainer.global_rank)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         if self._state is not None:

@@ -59,3 +59,23 @@ def test_eval_mode_zero_and_one():
     assert torch.equal(first, Dropout(0.5).train()(x))
     with pytest.raises(ValueError, match="dropout probability"):
         Dropout(1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_mask_in_the_activation_dtype_is_the_boolean_mask(dtype):
+    """The 0/1 mask built with int16 arithmetic in the activation's dtype is the comparison `bits >= threshold`
+    itself, and the output is x · mask · 1/(1 - p') as the plain formula computes it, forward and backward."""
+    dropout = Dropout(0.1).train()
+    torch.manual_seed(5)
+    as_bool = dropout.keep_mask(torch.Size([64, 33]))
+    torch.manual_seed(5)
+    as_dtype = dropout.keep_mask(torch.Size([64, 33]), dtype)
+    assert as_bool.dtype == torch.bool and as_dtype.dtype == dtype
+    assert torch.equal(as_dtype, as_bool.to(dtype))
+    assert 0 < as_bool.sum() < as_bool.numel()
+    x = torch.randn(64, 33, dtype=dtype, requires_grad=True)
+    torch.manual_seed(5)
+    out = dropout(x)
+    torch.testing.assert_close(out, x.detach() * as_bool * dropout.keep_scale, rtol=0, atol=0)
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad, (torch.ones_like(x) * as_bool * dropout.keep_scale).to(dtype), rtol=0, atol=0)
