@@ -66,8 +66,8 @@ class TranslationModule(L.LightningModule):
         return self.model(src, tgt_in)
 
     def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self.model(batch["src"], batch["tgt_in"])  # (batch, tgt_len, vocab)
-        loss_sum, nll_sum = self.criterion(logits, batch["tgt_out"])
+        hidden = self.model.features(batch["src"], batch["tgt_in"])  # (batch, tgt_len, d_model)
+        loss_sum, nll_sum = self.criterion.from_hidden(hidden, self.model.output_weight, batch["tgt_out"])
         n_tokens = batch["tgt_out"].ne(self.model_cfg.pad_id).sum()
         return loss_sum, nll_sum, n_tokens
 

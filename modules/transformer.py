@@ -119,11 +119,16 @@ class Transformer(nn.Module):
         src_bias = padding_bias(src, self.cfg.pad_id)
         return self.encoder(src, src_bias), src_bias
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The pre-softmax linear transformation's weight, (vocab, d_model): the shared embedding when tied."""
+        if self.output_projection is not None:
+            return self.output_projection.weight
+        return self.decoder.embedding.weight
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Pre-softmax linear transformation: (..., d_model) -> logits (..., vocab)."""
-        if self.output_projection is not None:
-            return self.output_projection(hidden)
-        return F.linear(hidden, self.decoder.embedding.weight)
+        return F.linear(hidden, self.output_weight)
 
     def decode(
         self,
@@ -138,8 +143,13 @@ class Transformer(nn.Module):
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits: src (batch, src_len), tgt_in (batch, tgt_len) -> (batch, tgt_len, vocab)."""
+        return self.project(self.features(src, tgt_in))
+
+    def features(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoder output before the projection: (batch, tgt_len, d_model). Training gives it to
+        the loss with `output_weight`, which projects it itself (modules/loss.py)."""
         memory, src_bias = self.encode(src)
-        return self.decode(tgt_in, memory, src_bias)
+        return self.decoder(tgt_in, memory, src_bias)
 
     def new_cache(self) -> DecoderCache:
         """Empty per-layer key/value cache for incremental decoding."""

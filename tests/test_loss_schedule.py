@@ -80,6 +80,79 @@ def test_fused_loss_equals_the_plain_one_in_value_and_gradient(dtype, monkeypatc
     assert f_grad[target == 0].abs().max() == 0  # padding positions get no gradient
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_projected_loss_equals_projection_then_plain_loss(autocast, monkeypatch):
+    """from_hidden (ProjectedLabelSmoothedCrossEntropy: projection, loss and their gradients in one) against
+    F.linear then the plain loss, in float32 and under bf16 autocast (float32 hidden states and weight, as the
+    model holds them), with padding and several chunks: the same loss and nll, the same gradients for the hidden
+    states and the weight, in their own dtypes; and without gradients (validation) the same sums. Under bf16 both
+    are compared with a float64 computation from the same bf16-rounded inputs, and the fused one must be as close
+    to it as the plain one (bf16 rounds their matmul outputs at different points)."""
+    monkeypatch.setattr(FusedLabelSmoothedCrossEntropy, "CHUNK_ELEMENTS", 7 * 50)
+    torch.manual_seed(0)
+    target = torch.randint(1, 50, (4, 9))
+    target[1, 5:] = 0
+    target[3, 2:] = 0
+    hidden = torch.randn(4, 9, 16)
+    weight = torch.randn(50, 16) * 16**-0.5
+    if autocast:  # the values autocast multiplies are then the inputs themselves
+        hidden, weight = hidden.bfloat16().float(), weight.bfloat16().float()
+    results = {}
+    for mode in ("plain", "fused", "float64"):
+        dtype = torch.float64 if mode == "float64" else torch.float32
+        h, w = hidden.to(dtype, copy=True).requires_grad_(True), weight.to(dtype, copy=True).requires_grad_(True)
+        criterion = LabelSmoothedCrossEntropy(0.1, pad_id=0, fused=mode == "fused")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and mode != "float64"):
+            loss, nll = criterion.from_hidden(h, w, target)
+            with torch.no_grad():
+                no_grad = criterion.from_hidden(h, w, target)
+        (2.5 * loss).backward()
+        results[mode] = (loss.detach(), nll.detach(), h.grad, w.grad, no_grad)
+    (loss, nll, grad_h, grad_w, _), (f_loss, f_nll, f_grad_h, f_grad_w, f_no_grad) = results["plain"], results["fused"]
+    torch.testing.assert_close(f_no_grad[0], f_loss)
+    torch.testing.assert_close(f_no_grad[1], f_nll)
+    assert not f_nll.requires_grad and f_grad_h.dtype == f_grad_w.dtype == torch.float32
+    assert f_grad_w.is_contiguous()
+    assert f_grad_h[target == 0].abs().max() == 0  # padding positions get no gradient
+    if not autocast:
+        for fused, plain in zip((f_loss, f_nll, f_grad_h, f_grad_w), (loss, nll, grad_h, grad_w), strict=True):
+            torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+        return
+    exact = results["float64"]
+    for i in range(4):  # loss, nll, grad_h, grad_w
+        error = {mode: (results[mode][i].double() - exact[i]).abs().max().item() for mode in ("plain", "fused")}
+        assert error["fused"] <= 1.5 * error["plain"] + 1e-6 * exact[i].abs().max().item(), (i, error)
+
+
+def test_projected_loss_trains_the_model_as_the_plain_one():
+    """The training step's losses and every parameter's gradient (the tied embedding gets the projection's and
+    the lookups' gradients) are the same through the fused path (TranslationModule._losses: features, then
+    from_hidden with the output weight) as through logits = model(src, tgt_in) and the plain loss."""
+    from modules.lightning import TranslationModule
+
+    model = {"vocab_size": 40, "n_layers": 2, "d_model": 16, "d_ff": 32, "n_heads": 2, "dropout": 0.0}
+    optim = {"betas": [0.9, 0.98], "eps": 1e-9, "warmup_steps": 3, "label_smoothing": 0.1, "fused_loss": True}
+    torch.manual_seed(0)
+    module = TranslationModule(model=model, optim=optim, n_samples=0)
+    batch = {
+        "src": torch.randint(1, 40, (3, 7)),
+        "tgt_in": torch.randint(1, 40, (3, 6)),
+        "tgt_out": torch.randint(1, 40, (3, 6)),
+    }
+    batch["tgt_out"][2, 3:] = 0
+    fused_loss, fused_nll, _ = module._losses(batch)
+    fused_loss.backward()
+    fused_grads = {name: p.grad.clone() for name, p in module.named_parameters()}
+    module.zero_grad()
+    plain = LabelSmoothedCrossEntropy(0.1, pad_id=0)
+    loss, nll = plain(module.model(batch["src"], batch["tgt_in"]), batch["tgt_out"])
+    loss.backward()
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_nll, nll, rtol=1e-5, atol=1e-5)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_fused_adam_makes_the_same_updates_as_the_plain_one():
     """optim.fused_adam (torch's fused kernel) against the for-loop Adam of section 5.3, through the module's own
     configure_optimizers and Eq. 3 schedule: five updates with the same gradients give the same parameters."""
