@@ -22,12 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 # This checkout's packages, not those an editable install of another checkout maps (`python bench/...` puts bench/,
 # not the repository, first on sys.path).
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from pipeline.host import use_huge_pages  # noqa: E402
+
+use_huge_pages()  # as `aiayn` does, before torch is imported (pipeline/host.py)
+
+import torch  # noqa: E402
 
 from modules.beam import beam_search  # noqa: E402
 from pipeline.config import load_config  # noqa: E402

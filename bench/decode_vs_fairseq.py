@@ -36,6 +36,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.host import use_huge_pages  # noqa: E402
+
+use_huge_pages()  # as `aiayn` does, before torch is imported (pipeline/host.py)
+
 from vs_fairseq import FAIRSEQ_ARCH, SHARED, fairseq_data  # noqa: E402  (bench/ is first on sys.path)
 
 MAX_TOKENS, WARMUP = 4096, 1000  # training batches and warmup of conf/experiment/multi30k.yaml

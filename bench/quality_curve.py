@@ -29,10 +29,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's packages first (see bench/decode_speed.py)
+
+from pipeline.host import use_huge_pages  # noqa: E402
+
+use_huge_pages()  # as `aiayn` does, before torch is imported (pipeline/host.py)
+
+import torch  # noqa: E402
 
 from pipeline import evaluate  # noqa: E402
 from pipeline.average import average_run  # noqa: E402

@@ -17,7 +17,7 @@ not taken from these). Also the padding efficiency of the batches (real tokens /
 of the profiled batches and of a whole epoch's).
 Writes bench/step_profile.json (or --out).
 
-    .venv/bin/python bench/step_profile.py [--models small base] [--steps 20] [--warmup 3]
+    .venv/bin/python bench/step_profile.py [--models small base] [--steps 20] [--warmup 10]
 """
 
 from __future__ import annotations
@@ -30,14 +30,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from omegaconf import OmegaConf
-from torch.profiler import ProfilerActivity, profile, record_function
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.host import use_huge_pages  # noqa: E402
+
+use_huge_pages()  # as `aiayn` does, before torch is imported (pipeline/host.py)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 from train_throughput import CONFIGS, matmul_gflops  # noqa: E402  (bench/ is first on sys.path)
 
 from data import TranslationDataModule  # noqa: E402
@@ -139,7 +142,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    # Untimed updates first: the process's heap grows over the first updates (new batch shapes need new blocks,
+    # each a page fault per page on first touch) before later ones mostly reuse freed blocks.
+    parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("step_profile.json"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)

@@ -17,14 +17,17 @@ import statistics
 import time
 from pathlib import Path
 
-import lightning as L
-import torch
-from omegaconf import OmegaConf
+from pipeline.host import reuse_freed_memory, use_huge_pages
 
-from data import TranslationDataModule
-from modules.lightning import TranslationModule
-from pipeline.config import load_config, output_dir
-from pipeline.host import reuse_freed_memory
+use_huge_pages()  # as `aiayn` does, before torch is imported (pipeline/host.py)
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from data import TranslationDataModule  # noqa: E402
+from modules.lightning import TranslationModule  # noqa: E402
+from pipeline.config import load_config, output_dir  # noqa: E402
 
 CONFIGS = {
     "small": ["model=small"],

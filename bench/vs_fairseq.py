@@ -34,6 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.host import use_huge_pages  # noqa: E402
+
+use_huge_pages()  # as `aiayn` does, before torch is imported (pipeline/host.py)
+
 from train_throughput import CONFIGS, MAX_TOKENS  # noqa: E402  (bench/, first on sys.path for a bench script)
 
 # Our side of each model (config overrides, max_tokens) is bench/train_throughput.py's CONFIGS and MAX_TOKENS;
