@@ -36,9 +36,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.host import use_huge_pages  # noqa: E402
+from pipeline.host import set_torch_environment  # noqa: E402
 
-use_huge_pages()  # as `aiayn` does, before torch is imported (pipeline/host.py)
+set_torch_environment()  # as `aiayn` does, before torch is imported (pipeline/host.py)
 
 from vs_fairseq import FAIRSEQ_ARCH, SHARED, fairseq_data  # noqa: E402  (bench/ is first on sys.path)
 

@@ -17,25 +17,27 @@ not taken from these). Also the padding efficiency of the batches (real tokens /
 of the profiled batches and of a whole epoch's).
 Writes bench/step_profile.json (or --out).
 
-    .venv/bin/python bench/step_profile.py [--models small base] [--steps 20] [--warmup 10]
+    .venv/bin/python bench/step_profile.py [--models small base] [--steps 20] [--warmup N (default: one epoch)]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.host import use_huge_pages  # noqa: E402
+from pipeline.host import set_torch_environment  # noqa: E402
 
-use_huge_pages()  # as `aiayn` does, before torch is imported (pipeline/host.py)
+set_torch_environment()  # as `aiayn` does, before torch is imported (pipeline/host.py)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -67,7 +69,15 @@ def epoch_padding(sampler, pairs) -> dict[str, float]:  # noqa: ANN001
     return result
 
 
-def profile_model(name: str, steps: int, warmup: int) -> dict:
+def epochs(datamodule) -> Iterator[dict]:  # noqa: ANN001
+    """The training batches of epoch 0, 1, 2, ... as Lightning's loop feeds them (a new shuffle each epoch)."""
+    loader = datamodule.train_dataloader()
+    for epoch in itertools.count():
+        datamodule._train_sampler.set_epoch(epoch)
+        yield from loader
+
+
+def profile_model(name: str, steps: int, warmup: int | None) -> dict:
     max_tokens = MAX_TOKENS
     cfg = load_config([*CONFIGS[name], f"data.max_tokens={max_tokens}"])
     datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
@@ -80,7 +90,7 @@ def profile_model(name: str, steps: int, warmup: int) -> dict:
     )
     optimizers = module.configure_optimizers()  # Adam and Eq. 3 as training configures them (optim.fused_adam)
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    batches = iter(datamodule.train_dataloader())
+    batches = epochs(datamodule)
     counts = module.model.parameter_counts()
     real = {"src": 0, "tgt": 0}
     padded = {"src": 0, "tgt": 0}
@@ -112,6 +122,8 @@ def profile_model(name: str, steps: int, warmup: int) -> dict:
             ).total
             flops += per_token * n_tgt
 
+    if warmup is None:  # one epoch: every batch shape of the run has been seen
+        warmup = len(datamodule.train_dataloader())
     for _ in range(warmup):
         update(False)
     start = time.perf_counter()
@@ -127,6 +139,7 @@ def profile_model(name: str, steps: int, warmup: int) -> dict:
     top = sorted((e for e in events if e.key not in PHASES), key=lambda e: e.self_cpu_time_total, reverse=True)
     return {
         "max_tokens": max_tokens,
+        "warmup_updates": warmup,
         "steps": steps,
         "seconds_per_update": round(wall / steps, 3),
         "target_tokens_per_sec": round(real["tgt"] / wall),
@@ -142,9 +155,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=20)
-    # Untimed updates first: the process's heap grows over the first updates (new batch shapes need new blocks,
-    # each a page fault per page on first touch) before later ones mostly reuse freed blocks.
-    parser.add_argument("--warmup", type=int, default=10)
+    # Untimed updates first, by default a whole epoch: the steady state of a run is after every batch shape has been
+    # seen. Until then a batch of a new shape makes oneDNN generate new matmul kernels (about 4 ms per matmul shape,
+    # some 25 per update; host.py keeps them all cached) and makes the heap grow (new blocks, faulted in on first
+    # touch). Multi30k has 107 batches of 4096 tokens per epoch but only 39 source and 38 target shapes.
+    parser.add_argument("--warmup", type=int, default=None, help="untimed updates first (default: one epoch)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("step_profile.json"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)

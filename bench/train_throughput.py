@@ -17,9 +17,9 @@ import statistics
 import time
 from pathlib import Path
 
-from pipeline.host import reuse_freed_memory, use_huge_pages
+from pipeline.host import reuse_freed_memory, set_torch_environment
 
-use_huge_pages()  # as `aiayn` does, before torch is imported (pipeline/host.py)
+set_torch_environment()  # as `aiayn` does, before torch is imported (pipeline/host.py)
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402

@@ -34,9 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.host import use_huge_pages  # noqa: E402
+from pipeline.host import set_torch_environment  # noqa: E402
 
-use_huge_pages()  # as `aiayn` does, before torch is imported (pipeline/host.py)
+set_torch_environment()  # as `aiayn` does, before torch is imported (pipeline/host.py)
 
 from train_throughput import CONFIGS, MAX_TOKENS  # noqa: E402  (bench/, first on sys.path for a bench script)
 

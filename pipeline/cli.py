@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 from pipeline.cluster import ClusterConfigError
 from pipeline.config import load_config, output_dir
-from pipeline.host import use_huge_pages
+from pipeline.host import set_torch_environment
 
 
 def _train(cfg) -> dict:
@@ -169,7 +169,7 @@ OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")
 
 
 def main(argv: list[str] | None = None) -> None:
-    use_huge_pages()  # before anything imports torch (pipeline/host.py)
+    set_torch_environment()  # before anything imports torch (pipeline/host.py)
     parser = argparse.ArgumentParser(
         prog="aiayn",
         description="The Transformer of 'Attention Is All You Need', from corpus to BLEU.",

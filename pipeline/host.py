@@ -34,23 +34,36 @@ def reuse_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-# Read by torch's CPU allocator (c10/core/impl/alloc_cpu.cpp) at its first allocation: blocks of 2 MB and more are
-# then aligned to 2 MB and marked madvise(MADV_HUGEPAGE), so the kernel backs them with 2 MB pages.
-HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
+# Environment variables torch reads once, when it first needs them: so they are set before torch is imported.
+TORCH_ENVIRONMENT = {
+    # Read by torch's CPU allocator (c10/core/impl/alloc_cpu.cpp) at its first allocation: blocks of 2 MB and more
+    # are then aligned to 2 MB and marked madvise(MADV_HUGEPAGE), so the kernel backs them with 2 MB pages.
+    "THP_MEM_ALLOC_ENABLE": "1",
+    # Read by oneDNN when it creates its first primitive: how many generated kernels (one per matmul shape and
+    # layout) it keeps. Its default, 1024, is about the shapes of one Multi30k epoch at 4096 tokens (39 source and
+    # 38 target batch shapes, some 15 matmul shapes each), and a kernel evicted is generated again (~2 ms).
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16384",
+}
 
 
-def use_huge_pages() -> bool:
-    """Have torch's large CPU tensors live in 2 MB pages (transparent huge pages) instead of 4 KB ones.
+def set_torch_environment() -> bool:
+    """Set TORCH_ENVIRONMENT's variables (where the environment does not set them already, which wins), before
+    torch is imported: `aiayn` calls this first thing.
 
-    A training step's activations, logits and gradients are tens to hundreds of MB each: in 4 KB pages every first
-    touch of a new block is a page fault per 4 KB, and the matmuls reading them miss the TLB more often. A base-model
-    step (bench/step_profile.py, 4096 tokens, one run each) took 1.99 s without and 1.79 s with. Linux only
-    does this where /sys/kernel/mm/transparent_hugepage/enabled is `madvise` or `always`; elsewhere it changes
-    nothing. torch reads the setting once, at its first allocation, so this must run before torch is imported:
-    `aiayn` calls it first thing. THP_MEM_ALLOC_ENABLE=0 in the environment turns it off. Returns whether torch
-    uses it: once torch is imported, only if the variable was set to 1 before.
+    Huge pages: a training step's activations, logits and gradients are tens to hundreds of MB each; in 4 KB pages
+    every first touch of a new block is a page fault per 4 KB, and the matmuls reading them miss the TLB more
+    often. A base-model step (bench/step_profile.py, 4096 tokens, one run each) took 1.99 s without and 1.79 s
+    with. Linux only does this where /sys/kernel/mm/transparent_hugepage/enabled is `madvise` or `always`;
+    elsewhere it changes nothing; THP_MEM_ALLOC_ENABLE=0 turns it off.
+    Kernel cache: on CPU, torch's bf16 matmuls are oneDNN primitives generated for each shape (a new shape cost
+    1.8-2 ms per linear layer, a cached one 0.1-0.3 ms): with 1600 shapes, the oldest 600 were generated again at
+    1.2 ms per call under the default capacity, and reused at 0.1 ms with this one.
+
+    Returns whether torch uses the huge pages: once torch is imported, only if THP_MEM_ALLOC_ENABLE was set to 1
+    before.
     """
     if "torch" in sys.modules:
-        return os.environ.get(HUGE_PAGES_ENV) == "1"
-    os.environ.setdefault(HUGE_PAGES_ENV, "1")
-    return os.environ[HUGE_PAGES_ENV] == "1"
+        return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
+    for name, value in TORCH_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    return os.environ["THP_MEM_ALLOC_ENABLE"] == "1"

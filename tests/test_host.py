@@ -42,10 +42,11 @@ def test_freed_large_tensors_are_reused_without_page_faults():
     assert faults["reuse"] < PAGES // 4, faults
 
 
-# Whether use_huge_pages applied, and the huge pages backing this process once a 64 MB tensor is touched (KB).
+# Whether set_torch_environment applied, and the huge pages backing this process once a 64 MB tensor is touched (KB).
 HUGE_SCRIPT = """
-from pipeline.host import use_huge_pages
-print(use_huge_pages())
+import os
+from pipeline.host import set_torch_environment
+print(set_torch_environment(), os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])
 import torch
 x = torch.empty(16 * 2**20).fill_(1.0)
 with open("/proc/self/smaps_rollup") as f:
@@ -61,17 +62,19 @@ def _kernel_huge_pages_mode() -> str:
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="transparent huge pages are a Linux feature")
 @pytest.mark.parametrize("setting", [None, "0"])
-def test_use_huge_pages_gives_large_tensors_2mb_pages(setting):
-    """Called before torch's import, use_huge_pages has a 64 MB tensor backed by 2 MB pages where the kernel grants
-    them on request (`madvise`, as here) and nothing otherwise (`madvise` without the request); the environment's
-    THP_MEM_ALLOC_ENABLE=0 turns it off. Called after torch's import, it reports that it cannot apply."""
+def test_set_torch_environment_gives_large_tensors_2mb_pages(setting):
+    """Called before torch's import, set_torch_environment has a 64 MB tensor backed by 2 MB pages where the
+    kernel grants them on request (`madvise`, as here) and nothing otherwise (`madvise` without the request); the
+    environment's THP_MEM_ALLOC_ENABLE=0 turns it off. Called after torch's import, it reports that it cannot
+    apply."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     if setting is not None:
         env["THP_MEM_ALLOC_ENABLE"] = setting
     run = subprocess.run([sys.executable, "-c", HUGE_SCRIPT], capture_output=True, text=True, check=True, env=env)
-    applied, huge_kb = run.stdout.split()
+    applied, capacity, huge_kb = run.stdout.split()
+    assert capacity == "16384"  # oneDNN's kernel cache, set alike
     mode = _kernel_huge_pages_mode()
     assert applied == str(setting is None)
     if mode == "madvise":
@@ -79,7 +82,11 @@ def test_use_huge_pages_gives_large_tensors_2mb_pages(setting):
     elif mode == "never":
         assert int(huge_kb) == 0
     late = subprocess.run(
-        [sys.executable, "-c", "import torch; from pipeline.host import use_huge_pages; print(use_huge_pages())"],
+        [
+            sys.executable,
+            "-c",
+            "import torch; from pipeline.host import set_torch_environment; print(set_torch_environment())",
+        ],
         capture_output=True,
         text=True,
         check=True,
