@@ -125,7 +125,9 @@ class MultiHeadAttention(nn.Module):
             else:
                 k = self._split_heads(self.w_k(memory), self.d_k)  # (batch, heads, k_len, d_k)
                 v = self._split_heads(self.w_v(memory), self.d_v)  # (batch, heads, k_len, d_v)
-                if not static_kv and "k" in cache:
+                if static_kv:  # reused at every step: laid out once as the matmuls read them, not at each step
+                    k, v = k.contiguous(), v.contiguous()
+                elif "k" in cache:
                     k = torch.cat([cache["k"], k], dim=2)
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v

@@ -353,3 +353,21 @@ def test_bf16_decoding_runs_in_bf16_and_scores_like_float32() -> None:
         assert abs(hyps[0].log_prob - float32) <= 0.02 * abs(float32) + 0.05, (row, hyps[0].log_prob, float32)
     with pytest.raises(ValueError, match="evaluate.precision"):
         translate_ids(model, sources, search, PAD, EOS, 64, torch.device("cpu"), "16-mixed")
+
+
+@pytest.mark.parametrize("vocab", [40, 8000, 37000, 8000 + 17])
+def test_blocked_top_k_gives_topk(vocab):
+    """modules/beam.top_k against torch.topk on rows without ties (values and columns), with the largest entries
+    packed into one block, spread over blocks, in the short last block, and with -inf entries (masked tokens)."""
+    from modules.beam import TOP_K_BLOCK, top_k
+
+    torch.manual_seed(0)
+    rows = torch.randn(6, vocab, dtype=torch.float64).float()  # distinct values: no ties to break differently
+    rows[1, :16] += 100.0  # the 16 best in the first block
+    rows[2, -3:] += 100.0  # three of the best in the last (possibly short) block
+    rows[3, ::TOP_K_BLOCK] += 100.0  # one best per block
+    rows[4, 5:] = float("-inf")  # only 5 finite entries
+    for k in (1, 8, 16):
+        ours, theirs = top_k(rows, k), rows.topk(k, dim=1)
+        assert torch.equal(ours[0], theirs[0]), k
+        assert torch.equal(ours[1][torch.isfinite(ours[0])], theirs[1][torch.isfinite(theirs[0])]), k
