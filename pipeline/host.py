@@ -1,5 +1,5 @@
-"""Host settings for running the model on CPU: how the C allocator hands memory back, and the page size torch's
-tensors get (issue 6)."""
+"""Host settings for running the model on CPU (issue 6): how the C allocator hands memory back, the page size
+torch's tensors get, and how many generated matmul kernels oneDNN keeps."""
 
 from __future__ import annotations
 

@@ -124,6 +124,34 @@ def test_projected_loss_equals_projection_then_plain_loss(autocast, monkeypatch)
         assert error["fused"] <= 1.5 * error["plain"] + 1e-6 * exact[i].abs().max().item(), (i, error)
 
 
+def test_projected_loss_with_bf16_parameters_and_float16_autocast():
+    """bf16 parameters without autocast (DeepSpeed's bf16 engine) take the fused path, with bf16 gradients as close
+    to a float64 computation as the plain path's; float16 autocast (16-mixed) takes project-then-loss, the plain
+    path itself."""
+    torch.manual_seed(0)
+    target = torch.randint(1, 50, (4, 9))
+    target[1, 5:] = 0
+    hidden, weight = torch.randn(4, 9, 16).bfloat16(), (torch.randn(50, 16) * 16**-0.5).bfloat16()
+    results = {}
+    for mode in ("plain", "fused", "float64"):
+        dtype = torch.float64 if mode == "float64" else torch.bfloat16
+        h, w = hidden.to(dtype, copy=True).requires_grad_(True), weight.to(dtype, copy=True).requires_grad_(True)
+        loss, nll = LabelSmoothedCrossEntropy(0.1, pad_id=0, fused=mode == "fused").from_hidden(h, w, target)
+        loss.backward()
+        results[mode] = (loss.detach(), nll.detach(), h.grad, w.grad)
+    assert results["fused"][2].dtype == results["fused"][3].dtype == torch.bfloat16
+    for i in range(4):
+        error = {m: (results[m][i].double() - results["float64"][i]).abs().max().item() for m in ("plain", "fused")}
+        assert error["fused"] <= 1.5 * error["plain"] + 1e-6 * results["float64"][i].abs().max().item(), (i, error)
+
+    h, w = hidden.float(), weight.float()
+    criterion = LabelSmoothedCrossEntropy(0.1, pad_id=0, fused=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        fused = criterion.from_hidden(h, w, target)
+        plain = criterion(F.linear(h, w), target)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0)
+
+
 def test_projected_loss_trains_the_model_as_the_plain_one():
     """The training step's losses and every parameter's gradient (the tied embedding gets the projection's and
     the lookups' gradients) are the same through the fused path (TranslationModule._losses: features, then
