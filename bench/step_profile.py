@@ -69,11 +69,10 @@ def epoch_padding(sampler, pairs) -> dict[str, float]:  # noqa: ANN001
     return result
 
 
-def epochs(datamodule) -> Iterator[dict]:  # noqa: ANN001
+def epochs(loader, sampler) -> Iterator[dict]:  # noqa: ANN001
     """The training batches of epoch 0, 1, 2, ... as Lightning's loop feeds them (a new shuffle each epoch)."""
-    loader = datamodule.train_dataloader()
     for epoch in itertools.count():
-        datamodule._train_sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         yield from loader
 
 
@@ -90,7 +89,8 @@ def profile_model(name: str, steps: int, warmup: int | None) -> dict:
     )
     optimizers = module.configure_optimizers()  # Adam and Eq. 3 as training configures them (optim.fused_adam)
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    batches = epochs(datamodule)
+    loader = datamodule.train_dataloader()
+    batches = epochs(loader, datamodule._train_sampler)
     counts = module.model.parameter_counts()
     real = {"src": 0, "tgt": 0}
     padded = {"src": 0, "tgt": 0}
@@ -123,7 +123,7 @@ def profile_model(name: str, steps: int, warmup: int | None) -> dict:
             flops += per_token * n_tgt
 
     if warmup is None:  # one epoch: every batch shape of the run has been seen
-        warmup = len(datamodule.train_dataloader())
+        warmup = len(loader)
     for _ in range(warmup):
         update(False)
     start = time.perf_counter()

@@ -68,6 +68,21 @@ class LabelSmoothedCrossEntropy(nn.Module):
             )
 
 
+def _lse_and_target_(z: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float32 chunk of logits z (chunk, vocab) and its targets (chunk, 1) -> lse(z) and z_y, each (chunk,), and
+    Σ_v exp(z_v - max z) (chunk, 1); z is overwritten by exp(z - max z) (one pass fewer than torch.logsumexp)."""
+    top = z.amax(dim=-1, keepdim=True)
+    z_y = z.gather(1, label).squeeze(1)
+    total = z.sub_(top).exp_().sum(dim=-1, keepdim=True)
+    return (total.log() + top).squeeze(1), z_y, total
+
+
+def _logit_gradient_(softmax: torch.Tensor, label: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """softmax(z) of a chunk (chunk, vocab), in place -> ∂loss/∂z = softmax(z) - (1 - ε)·onehot(y) - ε / V."""
+    softmax.sub_(epsilon / softmax.size(1))
+    return softmax.scatter_add_(1, label, torch.full_like(softmax[:, :1], -(1.0 - epsilon)))
+
+
 class FusedLabelSmoothedCrossEntropy(torch.autograd.Function):
     """The same loss written in terms of the logits z of each target token, over chunks of rows:
 
@@ -101,10 +116,9 @@ class FusedLabelSmoothedCrossEntropy(torch.autograd.Function):
         lse = torch.empty(rows.size(0), dtype=torch.float32, device=logits.device)
         z_y, z_sum = torch.empty_like(lse), torch.empty_like(lse)
         for part in FusedLabelSmoothedCrossEntropy.chunks(rows):
-            z = rows[part].float()  # (chunk, vocab)
-            lse[part] = torch.logsumexp(z, dim=-1)
-            z_y[part] = z.gather(1, labels[part, None]).squeeze(1)
+            z = rows[part].to(torch.float32, copy=True)  # (chunk, vocab): a copy even of float32 logits
             z_sum[part] = z.sum(dim=-1)
+            lse[part], z_y[part], _ = _lse_and_target_(z, labels[part, None])
         real = labels.ne(pad_id)  # (tokens,)
         lse_real, z_y_real = lse[real], z_y[real]
         nll = (lse_real - z_y_real).sum()
@@ -123,9 +137,7 @@ class FusedLabelSmoothedCrossEntropy(torch.autograd.Function):
         weight = real.float() * grad_loss  # (tokens,): the upstream gradient, 0 on padding
         for part in FusedLabelSmoothedCrossEntropy.chunks(rows):
             g = rows[part].float().sub_(lse[part, None]).exp_()  # softmax(z), (chunk, vocab)
-            g.sub_(epsilon / vocab)
-            g.scatter_add_(1, labels[part, None], torch.full_like(lse[part, None], -(1.0 - epsilon)))
-            grad[part] = g.mul_(weight[part, None])  # cast to the logits' dtype on assignment
+            grad[part] = _logit_gradient_(g, labels[part, None], epsilon).mul_(weight[part, None])  # logits' dtype
         return grad.view(logits.shape), None, None, None
 
 
@@ -160,16 +172,10 @@ class ProjectedLabelSmoothedCrossEntropy(torch.autograd.Function):
         z_y = torch.empty_like(lse)
         for part in FusedLabelSmoothedCrossEntropy.chunks(z):
             rows, label = z[part], labels[part, None]  # (chunk, vocab), (chunk, 1)
-            probs = rows.float()  # (chunk, vocab) float32
-            top = probs.amax(dim=-1, keepdim=True)
-            z_y[part] = probs.gather(1, label).squeeze(1)
-            probs.sub_(top).exp_()  # exp(z - max z)
-            total = probs.sum(dim=-1, keepdim=True)
-            lse[part] = (total.log() + top).squeeze(1)
+            probs = rows.float()  # (chunk, vocab) float32 (the logits themselves if float32), becomes exp(z - max z)
+            lse[part], z_y[part], total = _lse_and_target_(probs, label)
             if need_grad:
-                probs.mul_(total.reciprocal()).sub_(epsilon / vocab)  # softmax(z) - ε / V
-                probs.scatter_add_(1, label, torch.full_like(total, -(1.0 - epsilon)))
-                rows.copy_(probs)
+                rows.copy_(_logit_gradient_(probs.mul_(total.reciprocal()), label, epsilon))
         real = labels.ne(pad_id)  # (tokens,)
         z_mean = h.float() @ (w.sum(dim=0, dtype=torch.float32) / vocab)  # (tokens,): mean_v z_v
         lse, z_y = lse[real], z_y[real]
