@@ -10,6 +10,7 @@ returns one shape for both: a Lightning checkpoint dict whose "state_dict" holds
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,31 @@ class CheckpointRef:
         return {"name": self.path.name, "global_step": self.global_step}
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
-    # weights_only=False: Lightning checkpoints hold more than tensors (loop and callback states); these are the
-    # run's own files. mmap: tensors are read only when touched, so reading the metadata is cheap.
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+def _torch_load(path: Path, allowed: tuple[type, ...] = ()) -> dict[str, Any]:
+    """A checkpoint file read with torch's weights-only unpickler: tensors, numbers, strings and containers (and the
+    plain data classes `allowed`), never code (a crafted pickle could otherwise run any command as it is opened).
+    mmap: tensors are read only when touched, so reading the metadata is cheap."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RunFolderError(
+            f"{path}: refused, it holds more than weights ({reason}); aiayn loads checkpoints weights-only, so that "
+            "opening one can never run code: use a checkpoint written by `aiayn train` or `aiayn average`"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise RunFolderError(f"{path} cannot be read as a checkpoint ({type(error).__name__}: {error})") from None
+
+
+def _deepspeed_records() -> tuple[type, ...]:
+    """The data classes DeepSpeed pickles into its optimizer-state files besides tensors: an enum, the loss scaler's
+    settings, the address of a parameter's fragment."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address
 
 
 def _ds_tag_dir(folder: Path) -> Path:
@@ -135,7 +157,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint = _ds_client_state(path)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=_ds_tag_dir(path).name)
+    tag_dir = _ds_tag_dir(path)
+    for states in sorted(tag_dir.glob("*.pt")):  # DeepSpeed's reader unpickles them whole: each is checked first
+        _torch_load(states, _deepspeed_records())
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag_dir.name)
     # Lightning < 2.1 wrapped the module as `_forward_module`: strip it, as Lightning's own converter does.
     checkpoint["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in state.items()}
     return checkpoint
