@@ -3,50 +3,49 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.masks import causal_bias
+
+if TYPE_CHECKING:
+    from modules.kernels import Kernels
+
 
 def scaled_dot_product_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V  (Eq. 1).
 
     q: (batch, heads, q_len, d_k); k: (batch, heads, k_len, d_k); v: (batch, heads, k_len, d_v);
-    bias: additive mask broadcastable to (batch, heads, q_len, k_len) (see masks.py).
+    bias: additive mask broadcastable to (batch, heads, q_len, k_len) (see masks.py); causal: also hide each query's
+    future keys (q_len == k_len). softmax: the softmax over the keys (default softmax_float32).
     Returns the output (batch, heads, q_len, d_v) and the attention weights (batch, heads, q_len, k_len).
-
-    Written as two plain matmuls and a softmax rather than torch's fused kernel: on this project's CPU target
-    the fused kernel's bf16 backward measured about 3x slower, and the weights are needed for attention maps.
     """
     d_k = q.size(-1)
     # "To counteract this effect, we scale the dot products by 1/√d_k": scaling q first is cheaper than
     # scaling the (q_len x k_len) scores, and identical.
     scores = (q * (1.0 / math.sqrt(d_k))) @ k.transpose(-2, -1)  # (batch, heads, q_len, k_len)
+    if causal:
+        scores = scores + causal_bias(scores.size(-1), scores.device)
     if bias is not None:
         scores = scores + bias
-    weights = softmax_float32(scores).to(v.dtype)
+    weights = (softmax or softmax_float32)(scores).to(v.dtype)
     return weights @ v, weights  # (batch, heads, q_len, d_v)
-
-
-# torch's CPU softmax over a last dimension shorter than this (one AVX-512 vector of float32) takes a slow path:
-# 13 keys (a median Multi30k sentence), (315, 8, 13, 13) bf16 scores: 3.3 ms, against 0.44 ms padded to 16.
-SHORT_SOFTMAX = 16
 
 
 def softmax_float32(scores: torch.Tensor) -> torch.Tensor:
     """softmax over the keys (last dimension), computed in float32 even under bf16 autocast: its sums are where low
-    precision hurts.
-
-    On CPU, fewer than SHORT_SOFTMAX keys are padded with -inf scores first and the padding dropped after: exp(-inf)
-    is exactly 0, so the maximum, the sum and every real weight are unchanged, and it runs at the fast path's speed.
-    """
-    k_len = scores.size(-1)
-    if scores.device.type == "cpu" and k_len < SHORT_SOFTMAX:
-        padded = F.pad(scores, (0, SHORT_SOFTMAX - k_len), value=float("-inf"))
-        return F.softmax(padded, dim=-1, dtype=torch.float32)[..., :k_len]
+    precision hurts."""
     return F.softmax(scores, dim=-1, dtype=torch.float32)
 
 
@@ -62,11 +61,15 @@ class MultiHeadAttention(nn.Module):
     encoder output once and reused at every step. The memory may have fewer rows than the query: with g times as
     many query rows, each g consecutive ones attend over the same memory row (beam search's g beams of a sentence
     share its encoder output, which is then neither copied per beam nor reordered with them).
+
+    Eq. 1 itself is computed by `kernels.attention` (the device's, modules/kernels.py), or as written when the
+    weights are kept for attention maps.
     """
 
-    def __init__(self, d_model: int, n_heads: int, d_k: int, d_v: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, d_k: int, d_v: int, kernels: Kernels) -> None:
         super().__init__()
         self.n_heads, self.d_k, self.d_v = n_heads, d_k, d_v
+        self.kernels = kernels
         self.w_q = nn.Linear(d_model, n_heads * d_k)
         self.w_k = nn.Linear(d_model, n_heads * d_k)
         self.w_v = nn.Linear(d_model, n_heads * d_v)
@@ -81,9 +84,8 @@ class MultiHeadAttention(nn.Module):
         """Q W^Q, K W^K and V W^V with as few matmuls as the inputs allow, split into heads.
 
         Self-attention projects one tensor three times, encoder-decoder attention projects the memory twice: the
-        weights are concatenated and each input is multiplied once (one matmul instead of three, or of two). Under
-        bf16 autocast each input is then also cast to bf16 once, and its gradient cast back once; a base-model
-        training step (bench/step_profile.py setup, 4096 tokens) took 4% less time. Same parameters, same values.
+        weights are concatenated and each input is multiplied once (one matmul instead of three, or of two), and
+        under autocast each input is cast once. Same parameters, same values as the separate projections.
         """
         hk, hv = self.n_heads * self.d_k, self.n_heads * self.d_v
         if memory is query:
@@ -109,12 +111,14 @@ class MultiHeadAttention(nn.Module):
         bias: torch.Tensor | None = None,
         cache: dict[str, torch.Tensor] | None = None,
         static_kv: bool = False,
+        causal: bool = False,
     ) -> torch.Tensor:
         """query: (batch, q_len, d_model) attends over memory: (batch, k_len, d_model).
 
         Self-attention passes the same tensor twice; encoder-decoder attention passes the encoder output as
         memory ("the queries come from the previous decoder layer, and the memory keys and values come from
-        the output of the encoder", section 3.2.3).
+        the output of the encoder", section 3.2.3). bias: an additive mask (masks.py); causal: query i sees keys
+        up to i only (the decoder's self-attention over a whole sequence).
         """
         if cache is None:  # training, or a whole sequence at once
             q, k, v = self._project_qkv(query, memory)
@@ -135,11 +139,20 @@ class MultiHeadAttention(nn.Module):
         groups = q.size(0) // k.size(0)
         if groups > 1:  # (batch·g, heads, q_len, d_k) -> (batch, heads, g·q_len, d_k): g rows share one k, v
             q = q.unflatten(0, (k.size(0), groups)).transpose(1, 2).flatten(2, 3)
-        out, weights = scaled_dot_product_attention(q, k, v, bias)  # (batch, heads, q_len, d_v)
-        if groups > 1:  # and back: (batch·g, heads, q_len, d_v or k_len)
-            out, weights = (t.unflatten(2, (groups, -1)).transpose(1, 2).flatten(0, 1) for t in (out, weights))
-        if self.keep_weights:
-            self.last_weights = weights.detach()
+        if self.keep_weights:  # attention maps: Eq. 1 as written, with its weights
+            out, weights = scaled_dot_product_attention(q, k, v, bias, causal)  # (batch, heads, q_len, d_v)
+            self.last_weights = _ungroup(weights.detach(), groups)  # (batch·g, heads, q_len, k_len)
+        else:
+            out = self.kernels.attention(q, k, v, bias, causal)  # (batch, heads, q_len, d_v)
+        out = _ungroup(out, groups)  # (batch·g, heads, q_len, d_v)
         batch, _, q_len, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_v)  # Concat(head_1..head_h)
         return self.w_o(out)  # (batch, q_len, d_model)
+
+
+def _ungroup(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(batch, heads, g·q_len, x) -> (batch·g, heads, q_len, x): undoes the grouping of query rows that share one
+    memory row (see MultiHeadAttention)."""
+    if groups == 1:
+        return t
+    return t.unflatten(2, (groups, -1)).transpose(1, 2).flatten(0, 1)

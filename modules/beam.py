@@ -63,8 +63,7 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     The k largest of a row lie in the k blocks of TOP_K_BLOCK columns with the largest maxima (any other block's
     maximum is below k entries of those), so only those blocks are searched: one maximum per block over the row,
-    then a top-k over k blocks instead of the whole vocabulary. 1000 beams x 8000 tokens, k = 8: 4.7 ms with
-    topk over the vocabulary, 2.8 ms this way.
+    then a top-k over k blocks: fewer candidates to order than the whole vocabulary.
     """
     rows, vocab = scores.shape
     n_blocks = vocab // TOP_K_BLOCK

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,6 +12,9 @@ from modules.attention import MultiHeadAttention
 from modules.config import TransformerConfig
 from modules.dropout import Dropout
 from modules.feedforward import PositionwiseFeedForward
+
+if TYPE_CHECKING:
+    from modules.kernels import Kernels
 
 
 class ResidualConnection(nn.Module):
@@ -21,10 +25,10 @@ class ResidualConnection(nn.Module):
     what the paper did.
     """
 
-    def __init__(self, d_model: int, dropout: float, norm: str) -> None:
+    def __init__(self, d_model: int, dropout: float, norm: str, kernels: Kernels) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = Dropout(dropout)
+        self.dropout = Dropout(dropout, kernels)
         self.pre_norm = norm == "pre"
 
     def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -36,12 +40,12 @@ class ResidualConnection(nn.Module):
 class EncoderLayer(nn.Module):
     """Self-attention then a position-wise feed-forward network, each wrapped in a residual connection."""
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, kernels: Kernels) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, cfg.d_v)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, cfg.d_v, kernels)
         self.ffn = PositionwiseFeedForward(cfg.d_model, cfg.d_ff)
-        self.attn_residual = ResidualConnection(cfg.d_model, cfg.dropout, cfg.norm)
-        self.ffn_residual = ResidualConnection(cfg.d_model, cfg.dropout, cfg.norm)
+        self.attn_residual = ResidualConnection(cfg.d_model, cfg.dropout, cfg.norm, kernels)
+        self.ffn_residual = ResidualConnection(cfg.d_model, cfg.dropout, cfg.norm, kernels)
 
     def forward(self, x: torch.Tensor, src_bias: torch.Tensor) -> torch.Tensor:
         # x: (batch, src_len, d_model); src_bias: (batch, 1, 1, src_len) hides source padding
@@ -52,14 +56,14 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Masked self-attention, encoder-decoder attention, then the feed-forward network (section 3.1)."""
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, kernels: Kernels) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, cfg.d_v)
-        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, cfg.d_v)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, cfg.d_v, kernels)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.d_k, cfg.d_v, kernels)
         self.ffn = PositionwiseFeedForward(cfg.d_model, cfg.d_ff)
-        self.self_residual = ResidualConnection(cfg.d_model, cfg.dropout, cfg.norm)
-        self.cross_residual = ResidualConnection(cfg.d_model, cfg.dropout, cfg.norm)
-        self.ffn_residual = ResidualConnection(cfg.d_model, cfg.dropout, cfg.norm)
+        self.self_residual = ResidualConnection(cfg.d_model, cfg.dropout, cfg.norm, kernels)
+        self.cross_residual = ResidualConnection(cfg.d_model, cfg.dropout, cfg.norm, kernels)
+        self.ffn_residual = ResidualConnection(cfg.d_model, cfg.dropout, cfg.norm, kernels)
 
     def forward(
         self,
@@ -68,11 +72,13 @@ class DecoderLayer(nn.Module):
         self_bias: torch.Tensor | None,
         src_bias: torch.Tensor,
         cache: dict[str, dict[str, torch.Tensor]] | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
         # y: (batch, tgt_len, d_model); memory: (batch, src_len, d_model)
-        # self_bias: (1, 1, tgt_len, tgt_len) causal mask, or None when decoding one step with a cache
+        # Masked self-attention: causal (a whole sequence), or self_bias (1, 1, tgt_len, past + tgt_len) for new
+        # positions after cached ones, or neither for one new position after cached ones.
         self_cache = cache["self"] if cache is not None else None
         cross_cache = cache["cross"] if cache is not None else None
-        y = self.self_residual(y, lambda h: self.self_attn(h, h, self_bias, cache=self_cache))
+        y = self.self_residual(y, lambda h: self.self_attn(h, h, self_bias, cache=self_cache, causal=causal))
         y = self.cross_residual(y, lambda h: self.cross_attn(h, memory, src_bias, cache=cross_cache, static_kv=True))
         return self.ffn_residual(y, self.ffn)

@@ -4,6 +4,7 @@ validation sentences, to watch it rise)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import lightning as L
@@ -13,6 +14,7 @@ from torchmetrics import MeanMetric
 
 from modules.beam import beam_search
 from modules.config import TransformerConfig
+from modules.kernels import select_kernels
 from modules.loss import LabelSmoothedCrossEntropy
 from modules.schedule import inverse_sqrt_scheduler
 from modules.search import greedy_search
@@ -31,6 +33,9 @@ class TranslationModule(L.LightningModule):
       sentences (printed, and logged as a table); sacreBLEU of translations of the first `bleu_sentences`
       (0: none) as `val/bleu`. Translations are greedy (`val_beam` 1) or beam search with beam `val_beam` and
       length penalty `val_alpha` (modules/beam.py).
+    - Device: `kernels` and `compile` (config keys device.kernels, device.compile) are resolved for the device the
+      trainer runs on when it sets the module up (`use_device`): the kernels of modules/kernels.py, and whether the
+      encoder-decoder forward is compiled (torch.compile, dynamic shapes). "auto" picks by the device.
     Batches are dicts from data.collate_pairs: src, tgt_in, tgt_out (each (batch, len)) and token counts.
     """
 
@@ -44,15 +49,19 @@ class TranslationModule(L.LightningModule):
         bleu_sentences: int = 0,
         val_beam: int = 1,
         val_alpha: float = 0.6,
+        kernels: str = "auto",
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["kernels", "compile"])  # how to compute, not what: chosen where it runs
         self.model_cfg = TransformerConfig.from_dict(dict(model))
         self.optim_cfg = dict(optim)
-        self.model = Transformer(self.model_cfg)
-        self.criterion = LabelSmoothedCrossEntropy(
-            self.optim_cfg["label_smoothing"], self.model_cfg.pad_id, fused=self.optim_cfg.get("fused_loss", False)
-        )
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"device.compile={compile!r}: use auto, true or false")
+        self.kernels_choice, self.compile_choice = kernels, compile
+        self.model = Transformer(self.model_cfg, select_kernels(kernels, "cpu"))  # built on the CPU
+        self.features = self.model.features  # (src, tgt_in) -> decoder output; compiled by use_device if asked
+        self.criterion = LabelSmoothedCrossEntropy(self.optim_cfg["label_smoothing"], self.model_cfg.pad_id)
         self.n_samples = n_samples
         self.bleu_sentences = bleu_sentences
         if val_beam < 1:
@@ -61,13 +70,27 @@ class TranslationModule(L.LightningModule):
         self.val_loss = MeanMetric()  # weighted by target tokens
         self.val_nll = MeanMetric()
         self.samples: list[tuple[str, str, str]] = []  # (source, reference, hypothesis) of the last validation
+        self._grad_norm_logged_at: int | None = None  # the DeepSpeed engine's step whose norm was logged
+
+    def setup(self, stage: str) -> None:
+        self.use_device(self.trainer.strategy.root_device)
+
+    def use_device(self, device: torch.device | str) -> None:
+        """Choose the kernels and compilation for a model that runs on `device` (module docstring)."""
+        device = torch.device(device)
+        self.model.use_kernels(select_kernels(self.kernels_choice, device))
+        compiled = self.compile_choice is True or (self.compile_choice == "auto" and device.type == "cuda")
+        # dynamic: token batches change both lengths and the sentence count from one step to the next.
+        self.features = torch.compile(self.model.features, dynamic=True) if compiled else self.model.features
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         return self.model(src, tgt_in)
 
     def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden = self.model.features(batch["src"], batch["tgt_in"])  # (batch, tgt_len, d_model)
-        loss_sum, nll_sum = self.criterion.from_hidden(hidden, self.model.output_weight, batch["tgt_out"])
+        hidden = self.features(batch["src"], batch["tgt_in"])  # (batch, tgt_len, d_model)
+        loss_sum, nll_sum = self.model.kernels.projected_loss(
+            self.criterion, hidden, self.model.output_weight, batch["tgt_out"]
+        )
         n_tokens = batch["tgt_out"].ne(self.model_cfg.pad_id).sum()
         return loss_sum, nll_sum, n_tokens
 
@@ -102,8 +125,20 @@ class TranslationModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
+        if grads:  # none under DeepSpeed: see on_train_batch_end
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # DeepSpeed (ZeRO 1, 2 and 3) reduces the gradients into its optimizer's own, partitioned buffers and leaves
+        # every p.grad empty; its engine computes the update's global norm (all ranks, before clipping) in its step,
+        # which has run by now: logged once per update, in the same row as the hook above would have.
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is None or engine.global_steps == self._grad_norm_logged_at:
+            return
+        self._grad_norm_logged_at = engine.global_steps
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, nll_sum, n_tokens = self._losses(batch)
@@ -144,10 +179,19 @@ class TranslationModule(L.LightningModule):
             return []
         pairs = datamodule.valid_examples(n)
         hyps: list[str] = []
-        for start in range(0, len(pairs), self.TRANSLATE_BATCH):
-            chunk = pairs[start : start + self.TRANSLATE_BATCH]
-            hyps += self.translate([src for src, _ in chunk], datamodule.tokenizer)
+        with self.full_parameters():  # once for all the batches; every rank decodes the same sentences
+            for start in range(0, len(pairs), self.TRANSLATE_BATCH):
+                chunk = pairs[start : start + self.TRANSLATE_BATCH]
+                hyps += self.translate([src for src, _ in chunk], datamodule.tokenizer)
         return [(src, ref, hyp) for (src, ref), hyp in zip(pairs, hyps, strict=True)]
+
+    def full_parameters(self) -> contextlib.AbstractContextManager:
+        """The model's parameters whole, on every rank, for what runs outside the training engine's forward
+        (validation translations, attention maps): the strategy's `whole_parameters(model)` where it has one (ZeRO-3
+        partitions parameters: pipeline/strategies.py), else nothing to do. Every rank must enter it together."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        whole_parameters = getattr(strategy, "whole_parameters", None)
+        return whole_parameters(self.model) if whole_parameters is not None else contextlib.nullcontext()
 
     @torch.no_grad()
     def translate(

@@ -9,6 +9,7 @@ from torch import nn
 from modules.config import TransformerConfig
 from modules.dropout import Dropout
 from modules.embedding import LearnedPositionalEmbedding, ScaledEmbedding, SinusoidalPositionalEncoding
+from modules.kernels import PLAIN, Kernels
 from modules.layers import DecoderLayer, EncoderLayer
 from modules.masks import causal_bias, padding_bias
 
@@ -25,13 +26,13 @@ def _positional(cfg: TransformerConfig) -> nn.Module:
 class Encoder(nn.Module):
     """A stack of N identical layers over the embedded source (section 3.1, left half of Figure 1)."""
 
-    def __init__(self, cfg: TransformerConfig, embedding: ScaledEmbedding) -> None:
+    def __init__(self, cfg: TransformerConfig, embedding: ScaledEmbedding, kernels: Kernels) -> None:
         super().__init__()
         self.embedding = embedding
         self.positional = _positional(cfg)
         # "we apply dropout to the sums of the embeddings and the positional encodings" (section 5.4)
-        self.dropout = Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.dropout = Dropout(cfg.dropout, kernels)
+        self.layers = nn.ModuleList(EncoderLayer(cfg, kernels) for _ in range(cfg.n_layers))
         # Pre-LN leaves the residual stream un-normalized, so the stack ends with one more LayerNorm.
         self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
 
@@ -49,12 +50,12 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """A stack of N identical layers over the shifted target, attending to the encoder (right half of Figure 1)."""
 
-    def __init__(self, cfg: TransformerConfig, embedding: ScaledEmbedding) -> None:
+    def __init__(self, cfg: TransformerConfig, embedding: ScaledEmbedding, kernels: Kernels) -> None:
         super().__init__()
         self.embedding = embedding
         self.positional = _positional(cfg)
-        self.dropout = Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.dropout = Dropout(cfg.dropout, kernels)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, kernels) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
 
     def forward(
@@ -74,13 +75,15 @@ class Decoder(nn.Module):
         y = self.embedding(tgt_in)
         y = self.dropout(y + self.positional(length, start).to(y.dtype))  # dtype: see Encoder.forward
         # One new position sees every cached one and itself: no mask needed. Several positions at once
-        # (training, or a prompt) must not see their own future.
-        self_bias = causal_bias(length, tgt_in.device) if length > 1 else None
-        if self_bias is not None and start > 0:
+        # (training, or a prompt) must not see their own future: a whole sequence is causal; new positions after
+        # cached ones see all of those and are causal among themselves.
+        causal = length > 1 and start == 0
+        self_bias = None
+        if length > 1 and start > 0:
             past = torch.zeros(1, 1, length, start, device=tgt_in.device)
-            self_bias = torch.cat([past, self_bias], dim=-1)
+            self_bias = torch.cat([past, causal_bias(length, tgt_in.device)], dim=-1)
         for i, layer in enumerate(self.layers):
-            y = layer(y, memory, self_bias, src_bias, cache[i] if cache is not None else None)
+            y = layer(y, memory, self_bias, src_bias, cache[i] if cache is not None else None, causal=causal)
         return self.final_norm(y)
 
 
@@ -89,22 +92,33 @@ class Transformer(nn.Module):
 
     "We share the same weight matrix between the two embedding layers and the pre-softmax linear transformation."
     With `share_embeddings=False` source embeddings, target embeddings and the output projection are separate.
+
+    `kernels` (modules/kernels.py) computes attention, dropout and the projected loss for the device the model runs
+    on; the plain ones are the formulas as written. `use_kernels` swaps them (they hold no parameters).
     """
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, kernels: Kernels = PLAIN) -> None:
         super().__init__()
         self.cfg = cfg
+        self.kernels = kernels
         src_embedding = ScaledEmbedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
         tgt_embedding = (
             src_embedding if cfg.share_embeddings else ScaledEmbedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
         )
-        self.encoder = Encoder(cfg, src_embedding)
-        self.decoder = Decoder(cfg, tgt_embedding)
+        self.encoder = Encoder(cfg, src_embedding, kernels)
+        self.decoder = Decoder(cfg, tgt_embedding, kernels)
         self.output_projection: nn.Linear | None = None
         if not cfg.share_embeddings:
             self.output_projection = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             nn.init.normal_(self.output_projection.weight, mean=0.0, std=cfg.d_model**-0.5)
         self._init_linear_layers()
+
+    def use_kernels(self, kernels: Kernels) -> Transformer:
+        """Compute with `kernels` from now on, in every layer."""
+        for module in self.modules():
+            if hasattr(module, "kernels"):
+                module.kernels = kernels
+        return self
 
     def _init_linear_layers(self) -> None:
         # Glorot/Xavier uniform for every projection, zero biases: tensor2tensor's and fairseq's choice.
@@ -147,7 +161,7 @@ class Transformer(nn.Module):
 
     def features(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced decoder output before the projection: (batch, tgt_len, d_model). Training gives it to
-        the loss with `output_weight`, which projects it itself (modules/loss.py)."""
+        `kernels.projected_loss` with `output_weight`, which projects it itself."""
         memory, src_bias = self.encode(src)
         return self.decoder(tgt_in, memory, src_bias)
 

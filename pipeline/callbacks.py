@@ -26,17 +26,20 @@ def _logging_step(trainer: L.Trainer) -> bool:
 
 
 def accelerator_key(trainer: L.Trainer, configured: str | None) -> str | None:
-    """The key of pipeline/plan.py's ACCELERATORS this run trains on: `cpu`, the GPU named in the CUDA device's
-    name (an "NVIDIA H100 80GB HBM3" is h100), else `configured` (cluster.gpu); None if unknown."""
+    """The key of pipeline/plan.py's ACCELERATORS this run trains on: `cpu`, the GPU the CUDA device's name names
+    (pipeline/plan.py's accelerator_for_device_name: an "NVIDIA H100 80GB HBM3" is h100), else `configured`
+    (cluster.gpu) if that is a GPU's key; None if unknown (then no `train/mfu`)."""
+    from pipeline.plan import accelerator_for_device_name
+
     device = trainer.strategy.root_device
     if device.type == "cpu":
         return "cpu"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        key = next((k for k in ACCELERATORS if k != "cpu" and k in name), None)
+        key = accelerator_for_device_name(torch.cuda.get_device_name(device))
         if key:
             return key
-    return configured if configured in ACCELERATORS else None
+    # Not cluster.gpu=cpu (conf/cluster/local.yaml's default) on a GPU: the CPU's peak would make a wrong MFU.
+    return configured if configured in ACCELERATORS and configured != "cpu" else None
 
 
 class TokenThroughput(L.Callback):
@@ -207,8 +210,10 @@ class AttentionImages(L.Callback):
     reference translation as the decoder's input (teacher forcing, as the validation loss reads it): the same
     sentence and target at every step, so the panels of successive validations show the attention forming.
 
-    Only with a W&B logger. The forward pass runs on every rank (under ZeRO-3 each forward gathers parameters
-    from all ranks, so one rank alone would wait forever); only global rank 0 draws and logs.
+    Only with a W&B logger. The forward pass runs on every rank, inside the module's `full_parameters()`: under
+    ZeRO-3 it runs outside the engine's forward, where each rank holds only partitions of the parameters, so they
+    are gathered from all ranks first, a collective (one rank alone would wait forever); only global rank 0 draws
+    and logs.
     """
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -226,7 +231,8 @@ class AttentionImages(L.Callback):
         from pipeline.attention import attention_figures, sentence_attention
 
         (source, reference) = examples[0]
-        att = sentence_attention(pl_module.model, datamodule.tokenizer, source, target=reference)
+        with pl_module.full_parameters():  # every rank (TranslationModule.full_parameters)
+            att = sentence_attention(pl_module.model, datamodule.tokenizer, source, target=reference)
         if not trainer.is_global_zero:
             return
         images: dict[str, list] = {}

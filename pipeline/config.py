@@ -17,6 +17,20 @@ if not OmegaConf.has_resolver("aiayn.root"):
     OmegaConf.register_new_resolver("aiayn.root", lambda: str(PROJECT_ROOT))
 
 
+def machine_accelerator() -> str:
+    """`${aiayn.accelerator:}`: "gpu" where torch sees a CUDA device, else "cpu" (conf/trainer/local.yaml).
+
+    The check is Lightning's own (NVML-based, so that a process forked afterwards can still start CUDA)."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as lightning.fabric sets it on import
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+if not OmegaConf.has_resolver("aiayn.accelerator"):
+    OmegaConf.register_new_resolver("aiayn.accelerator", machine_accelerator)
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose conf/config.yaml with Hydra overrides such as `model=base` or `trainer.max_steps=50`."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="aiayn"):

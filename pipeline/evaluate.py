@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from data.manifest import write_json_atomic
 from modules.beam import Hypothesis, beam_search
+from modules.kernels import select_kernels
 from modules.lightning import TranslationModule
 from modules.search import greedy_search
 from modules.transformer import Transformer
@@ -197,6 +198,18 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
+def place_for_inference(model: Transformer, kernels: str) -> torch.device:
+    """Move an inference model to the GPU if there is one, else keep it on the CPU, with the device.kernels for it;
+    returns the device."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        # Every beam step allocates and frees logits-sized blocks; kept by malloc instead of given back to the
+        # kernel, they are not faulted in again.
+        reuse_freed_memory()
+    model.to(device).use_kernels(select_kernels(kernels, device))
+    return device
+
+
 def load_for_inference(cfg: DictConfig, checkpoint_path: Path, command: str) -> tuple[Transformer, dict, Any]:
     """The checkpoint's model (eval mode), the checkpoint, and the set-up data module of cfg.data, whose BPE model
     reads and writes the model's token ids: `aiayn evaluate`, `translate` and `attention` all start here."""
@@ -233,16 +246,10 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     run_dir = require_run_dir(cfg, "evaluate")
     split = cfg.evaluate.split
     checkpoint_path = resolve_checkpoint(cfg, run_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        # Every beam step allocates and frees logits-sized blocks; kept by malloc instead of given back to the
-        # kernel, they are not faulted in again (Multi30k test, beam 4: 257-393k page faults per pass -> ~100k).
-        reuse_freed_memory()
-
     model, checkpoint, datamodule = load_for_inference(cfg, checkpoint_path, "evaluate")
+    device = place_for_inference(model, cfg.device.kernels)
     sources, references = prepared_split(datamodule, split)
     tokenizer = datamodule.tokenizer
-    model.to(device)
 
     search, decoding = make_search(cfg.evaluate, tokenizer.bos_id, tokenizer.eos_id)
     decoding["precision"] = cfg.evaluate.precision

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 
 from omegaconf import DictConfig, OmegaConf
@@ -44,12 +45,22 @@ class Accelerator:
 
 
 ACCELERATORS: dict[str, Accelerator] = {
+    # NVIDIA H200 datasheet, H200 SXM: 1,979 TFLOPS BF16 Tensor Core with sparsity, so 989 dense (the H100 SXM's
+    # Hopper tensor cores), 141 GB HBM3e. H200 NVL (PCIe card, lower clocks): 1,671 with sparsity, 141 GB.
+    "h200": Accelerator(989e12, "bf16", 141),
+    "h200-nvl": Accelerator(835e12, "bf16", 141),
     # NVIDIA H100 SXM5 datasheet: 989 TFLOPS BF16 Tensor Core dense (1,979 with sparsity), 80 GB HBM3.
     "h100": Accelerator(989e12, "bf16", 80),
+    # The same datasheet's other H100 boards: H100 PCIe 1,513 TFLOPS BF16 with sparsity, 80 GB HBM2e; H100 NVL
+    # 1,671 with sparsity, 94 GB HBM3.
+    "h100-pcie": Accelerator(756e12, "bf16", 80),
+    "h100-nvl": Accelerator(835e12, "bf16", 94),
     # NVIDIA A100 datasheet: 312 TFLOPS BF16 Tensor Core dense (624 with sparsity), 80 GB (a 40 GB model exists).
     "a100": Accelerator(312e12, "bf16", 80),
     # NVIDIA V100 SXM2 datasheet: 125 TFLOPS FP16 Tensor Core (no bf16), 32 GB (a 16 GB model exists).
     "v100": Accelerator(125e12, "fp16", 32),
+    # The same datasheet, V100 PCIe: 112 TFLOPS FP16 Tensor Core, 32 GB (16 GB too).
+    "v100-pcie": Accelerator(112e12, "fp16", 32),
     # The paper's own value, Table 2 footnote 5: "We used values of 2.8, 3.7, 6.0 and 9.5 TFLOPS for K80, K40,
     # M40 and P100, respectively" (single precision: the P100 of 2017 trained in fp32). P100 datasheet: 16 GB.
     "p100": Accelerator(9.5e12, "fp32", 16),
@@ -57,6 +68,21 @@ ACCELERATORS: dict[str, Accelerator] = {
     # shared host's load moves it (bench/train_throughput.json's same-run 2048^3 matmul: 1.52 TFLOP/s).
     "cpu": Accelerator(2.5e12, "bf16", None, mfu=CPU_MFU),
 }
+
+
+def accelerator_for_device_name(name: str) -> str | None:
+    """The ACCELERATORS key of a CUDA device's name (torch.cuda.get_device_name), None if the table has no entry.
+
+    The name is split into lower-case letter-and-digit tokens, and keys match whole tokens: the model ("h100",
+    "a100", ...), then the board where the table has a variant with other clocks ("pcie", "nvl"). So "NVIDIA H100
+    80GB HBM3" is h100, "NVIDIA H100 PCIe" h100-pcie, "NVIDIA A100-SXM4-40GB" a100, "NVIDIA H200 NVL" h200-nvl,
+    and "NVIDIA GH200 480GB" none of them (no "h200" token; nor is a key's prefix ever taken for the key).
+    """
+    tokens = re.findall(r"[a-z0-9]+", name.lower())
+    model = next((t for t in tokens if t in ACCELERATORS and t != "cpu"), None)
+    if model is None:
+        return None
+    return next((f"{model}-{t}" for t in tokens if f"{model}-{t}" in ACCELERATORS), model)
 
 
 def device_memory_bytes(accelerator: Accelerator) -> float:

@@ -37,9 +37,10 @@ class RNGState(L.Callback):
     resumed one alike (which, for instance, skips the validation the uninterrupted run did right after the save).
 
     Under DDP every rank starts from the same seed (`seed_everything`); at setup each rank's torch generator is
-    reseeded with seed + rank, so that ranks draw different dropout masks (modules/dropout.py draws one number per
-    mask from it, the same count on every rank: without this, ranks would apply identical masks). The checkpoint
-    therefore holds all ranks' states, gathered on every save (the one rank that writes the file has them all),
+    reseeded with seed + rank, so that ranks draw different dropout masks (the CPU kernels' dropout,
+    modules/cpu_kernels.py, draws one number per mask from it, the same count on every rank: without this, ranks
+    would apply identical masks). The checkpoint therefore holds all ranks' states, gathered on every save (the one
+    rank that writes the file has them all),
     and each rank restores its own. Resuming with another world size raises: neither these states nor the
     sampler's per-rank position (data/batching.py) could be continued exactly.
     """

@@ -6,9 +6,11 @@ Parallelism stays out of the model: modules/ never imports anything from here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -52,6 +54,10 @@ def _freeze_gc() -> None:
     gc.freeze()
 
 
+# whole_parameters' mark on ZeRO-3 parameters in use outside any module (DeepSpeed's own marks are module ids).
+_WHOLE_PARAMETERS_USER = "aiayn.whole_parameters"
+
+
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` that also runs on CPU processes (ZeRO stages 0-3, gloo backend).
 
@@ -85,6 +91,35 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
     def _on_cpu(self) -> bool:
         return isinstance(self.accelerator, CPUAccelerator)
+
+    @contextlib.contextmanager
+    def whole_parameters(self, module: Module) -> Iterator[None]:
+        """`module`'s parameters whole on every rank while the context is open, for code that runs outside the
+        engine's forward (TranslationModule.full_parameters: validation translations, attention maps).
+
+        Under ZeRO stage 3 a rank holds only its partition of each parameter, gathered just in time by hooks on
+        each submodule's forward; outside the engine's forward, `Transformer.project` would read the shared
+        embedding empty. So they are gathered on entry (deepspeed.zero.GatheredParameters, read-only) and
+        partitioned again on exit: a collective, which every rank enters together. Gathering is not enough by
+        itself: each submodule's forward ends by partitioning its parameters again unless another module still
+        uses them (DeepSpeed counts those in a parameter's `ds_active_sub_modules`), so the gathered parameters
+        are marked in use by one more user until the context ends (tests/test_deepspeed_cpu.py holds DeepSpeed to
+        this). Stages 1-2 keep parameters whole: nothing to do.
+        """
+        if not self.zero_stage_3:
+            yield
+            return
+        import deepspeed
+
+        params = [p for p in module.parameters() if hasattr(p, "ds_id")]  # all, once the engine has started
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            for p in params:
+                p.ds_active_sub_modules.add(_WHOLE_PARAMETERS_USER)
+            try:
+                yield
+            finally:
+                for p in params:  # before GatheredParameters partitions them, which refuses parameters in use
+                    p.ds_active_sub_modules.discard(_WHOLE_PARAMETERS_USER)
 
     def setup_environment(self) -> None:
         if not self._on_cpu():

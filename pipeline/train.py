@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from data import TranslationDataModule
+from modules.kernels import select_kernels
 from modules.lightning import TranslationModule
 from pipeline import preemption
 from pipeline.callbacks import AttentionImages, MemoryMonitor, RequeueOnPreemption, RunStart, TokenThroughput
@@ -113,11 +114,15 @@ def describe_run(cfg: DictConfig, trainer: L.Trainer) -> str:
     """The resolved parallel layout, printed at start: what a user checks before a long job."""
     strategy = cfg.strategy.name + (f" ZeRO-{cfg.strategy.stage}" if cfg.strategy.name == "deepspeed" else "")
     world, accumulate, max_tokens = trainer.world_size, trainer.accumulate_grad_batches, cfg.data.max_tokens
+    device = trainer.strategy.root_device
+    kernels = select_kernels(cfg.device.kernels, device).name
+    compiled = cfg.device.compile is True or (cfg.device.compile == "auto" and device.type == "cuda")
     return (
         f"run: world size {world} ({trainer.num_nodes} node(s) x {trainer.num_devices} device(s), "
         f"{trainer.accelerator.__class__.__name__.removesuffix('Accelerator')}), strategy {strategy}, "
         f"precision {trainer.precision}, accumulation {accumulate}: up to {max_tokens * world * accumulate:,} "
-        f"tokens per update (data.max_tokens {max_tokens:,} x {world} x {accumulate})"
+        f"tokens per update (data.max_tokens {max_tokens:,} x {world} x {accumulate}); "
+        f"{kernels} kernels{', compiled' if compiled else ''} (device.kernels, device.compile)"
     )
 
 
@@ -135,6 +140,8 @@ def main(cfg: DictConfig) -> dict:
         bleu_sentences=cfg.run.val_bleu_sentences,
         val_beam=cfg.run.val_beam,
         val_alpha=cfg.evaluate.alpha,
+        kernels=cfg.device.kernels,
+        compile=cfg.device.compile,
     )
     trainer = build_trainer(cfg, directory)
     trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)

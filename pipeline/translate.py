@@ -31,8 +31,14 @@ from data.clean import Cleaner
 from modules.transformer import Transformer
 from pipeline.average import require_run_dir
 from pipeline.errors import RunFolderError
-from pipeline.evaluate import Search, load_for_inference, make_search, resolve_checkpoint, translate_ids
-from pipeline.host import reuse_freed_memory
+from pipeline.evaluate import (
+    Search,
+    load_for_inference,
+    make_search,
+    place_for_inference,
+    resolve_checkpoint,
+    translate_ids,
+)
 
 
 @dataclass
@@ -75,11 +81,9 @@ def load_translator(cfg: DictConfig) -> tuple[Translator, Path]:
     checkpoint_path = resolve_checkpoint(cfg, run_dir, section="translate")
     model, _, datamodule = load_for_inference(cfg, checkpoint_path, "translate")
     tokenizer = datamodule.tokenizer
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        reuse_freed_memory()  # as `aiayn evaluate` does: beam steps' freed blocks are reused, not faulted in again
+    device = place_for_inference(model, cfg.device.kernels)
     translator = Translator(
-        model=model.to(device),
+        model=model,
         tokenizer=tokenizer,
         cleaner=Cleaner(datamodule.cfg.get("clean"), filters=False),
         search=make_search(cfg.translate, tokenizer.bos_id, tokenizer.eos_id, section="translate")[0],

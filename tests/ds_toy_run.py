@@ -57,14 +57,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", type=int, nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--keep-process-group", action="store_true", help="reproduce the ZeRO-3 abort at exit")
-    parser.add_argument("--overrides", nargs="*", default=None, help="config for the update-normalization check")
+    parser.add_argument("--overrides", nargs="*", default=None, help="config of the real-model checks")
     args = parser.parse_args(argv)
     for stage in args.stages:
         run_stage(stage, args.out / f"zero{stage}")
     if args.overrides is not None:
         for strategy, accumulation in (("ddp", 1), ("deepspeed", 2)):
             normalization_check(strategy, accumulation, args.overrides, args.out / f"normalization-{strategy}")
-    if not args.keep_process_group:
+        # Last: pipeline.train.main tears the process group down when it returns, as `aiayn train` does.
+        translation_check(args.overrides, args.out / "zero3-translation")
+    if not args.keep_process_group and torch.distributed.is_initialized():
         # Without this, ZeRO-3 aborts at interpreter exit: see the note in pipeline/strategies.py.
         torch.distributed.destroy_process_group()
     print(f"rank {os.environ['RANK']} finished", flush=True)
@@ -116,6 +118,66 @@ def normalization_check(strategy: str, accumulation: int, overrides: list[str], 
 
     expected, sizes = reference_gradient(reference, module.criterion, datamodule, 2, accumulation, seed=3)
     torch.save({"grads": captured, "expected": expected, "batch_sizes": sizes}, out / f"rank{os.environ['RANK']}.pt")
+
+
+def translation_check(overrides: list[str], out: Path) -> None:
+    """`aiayn train strategy=deepspeed strategy.stage=3 trainer.devices=2` (pipeline.train.main, as the command
+    runs it) with translations at every validation, where the decoding runs outside the engine's forward:
+
+    1. run A: 2 steps, a checkpoint at step 2, then a validation with greedy translations and attention maps
+       (AttentionImages, to an offline W&B run in A's folder);
+    2. run B: resumed from A's step-2 checkpoint to step 4, a validation with beam-2 translations (no W&B).
+
+    Each rank saves out/rank<R>.pt: both runs' summaries (what main returns) and, per validation, the step and
+    the (source, reference, hypothesis) samples this rank translated.
+    """
+    from modules.lightning import TranslationModule
+    from pipeline.config import load_config
+    from pipeline.train import main as train
+
+    validations: list[dict] = []
+    on_validation_epoch_end = TranslationModule.on_validation_epoch_end
+
+    def recording(self: TranslationModule) -> None:  # this forked rank's class only: the test process keeps its own
+        on_validation_epoch_end(self)
+        if not self.trainer.sanity_checking:
+            validations.append({"step": self.global_step, "samples": list(self.samples)})
+
+    TranslationModule.on_validation_epoch_end = recording
+    common = [
+        *overrides,
+        "strategy=deepspeed",
+        "strategy.stage=3",
+        "trainer.devices=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_train_steps=2",
+        "run.n_samples=2",
+        "run.val_bleu_sentences=4",
+        "logger.wandb.enabled=false",
+    ]
+    # Run A leaves the process group up for run B: main tears it down at its end, and DeepSpeed keeps the old
+    # world's groups in module globals (deepspeed.utils.groups) that a second world in this process would find
+    # stale. (A real resume is a new process.) Run B tears it down as main does.
+    destroy, environ = torch.distributed.destroy_process_group, dict(os.environ)
+    torch.distributed.destroy_process_group = lambda *args, **kwargs: None
+    os.environ.update(WANDB_MODE="offline", WANDB_CONSOLE="off")
+    run_a = ["trainer.max_steps=2", "logger.wandb.enabled=true", "run.val_attention_maps=true", f"run.dir={out / 'a'}"]
+    try:
+        summary_a = train(load_config([*common, *run_a]))
+    finally:
+        torch.distributed.destroy_process_group = destroy
+        os.environ.clear()
+        os.environ.update(environ)
+    checkpoint = out / "a" / "checkpoints" / "step0000002.ckpt"
+    resume = [f"run.resume={checkpoint}", "run.val_beam=2", f"run.dir={out / 'b'}"]
+    summary_b = train(load_config([*common, "trainer.max_steps=4", *resume]))
+    torch.save(
+        {"a": summary_a, "b": summary_b, "validations": validations, "checkpoint": str(checkpoint)},
+        out / f"rank{os.environ['RANK']}.pt",
+    )
 
 
 def run_stage(stage: int, out: Path) -> None:

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.attention import SHORT_SOFTMAX, MultiHeadAttention, scaled_dot_product_attention, softmax_float32
+from modules.attention import MultiHeadAttention, scaled_dot_product_attention
 from modules.config import TransformerConfig
+from modules.cpu_kernels import SHORT_SOFTMAX, padded_softmax_float32
+from modules.kernels import PLAIN
 from modules.masks import MASKED, causal_bias, padding_bias
 from modules.transformer import Transformer
 
@@ -41,7 +43,7 @@ def test_multi_head_equals_per_head_projections(kind):
     matmul of the concatenated weights (MultiHeadAttention._project_qkv), the reference per head and matrix."""
     torch.manual_seed(0)
     d_model, h, d_k, d_v = 16, 4, 3, 5
-    mha = MultiHeadAttention(d_model, h, d_k, d_v)
+    mha = MultiHeadAttention(d_model, h, d_k, d_v, PLAIN)
     x = torch.randn(2, 6, d_model)
     mem = x if kind == "self" else torch.randn(2, 9, d_model)
     heads = []
@@ -124,7 +126,7 @@ def test_query_rows_sharing_a_memory_row_equal_the_memory_copied_per_row(cached:
     """Beam search's layout: 3 query rows per memory row (a sentence's beams) attend exactly as if the memory and its
     padding bias had been copied to every query row. Outputs and attention weights, with and without the cache."""
     torch.manual_seed(0)
-    attention = MultiHeadAttention(d_model=16, n_heads=4, d_k=4, d_v=6)
+    attention = MultiHeadAttention(d_model=16, n_heads=4, d_k=4, d_v=6, kernels=PLAIN)
     attention.keep_weights = True
     memory = torch.randn(2, 5, 16)  # (sentences, src_len, d_model)
     tokens = torch.tensor([[7, 7, 7, 0, 0], [7, 7, 7, 7, 7]])
@@ -144,16 +146,16 @@ def test_query_rows_sharing_a_memory_row_equal_the_memory_copied_per_row(cached:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_short_softmax_padding_gives_torch_softmax(dtype):
-    """softmax_float32 pads fewer than SHORT_SOFTMAX keys with -inf on CPU: the same weights (float32) and
-    gradients as torch's softmax over the unpadded keys, for every key length around the threshold, with masked
-    keys (MASKED bias) and a fully masked row."""
+    """padded_softmax_float32 (the CPU kernels') pads fewer than SHORT_SOFTMAX keys with -inf: the same weights
+    (float32) and gradients as torch's softmax over the unpadded keys, for every key length around the threshold,
+    with masked keys (MASKED bias) and a fully masked row."""
     torch.manual_seed(0)
     for k_len in range(1, SHORT_SOFTMAX + 3):
         scores = (4 * torch.randn(3, 2, 5, k_len)).to(dtype)
         scores[0, :, :, -1] = MASKED
         scores[1, 0, 2, :] = MASKED
         results = []
-        for fn in (softmax_float32, lambda s: F.softmax(s, dim=-1, dtype=torch.float32)):
+        for fn in (padded_softmax_float32, lambda s: F.softmax(s, dim=-1, dtype=torch.float32)):
             leaf = scores.clone().requires_grad_(True)
             weights = fn(leaf)
             (weights * torch.arange(k_len)).sum().backward()

@@ -1,10 +1,12 @@
-"""CPUDeepSpeedStrategy end to end: ZeRO 1, 2 and 3 on two CPU processes (gloo), bf16-mixed; and the update's
-loss normalization under DDP and DeepSpeed with the real TranslationModule.
+"""CPUDeepSpeedStrategy end to end: ZeRO 1, 2 and 3 on two CPU processes (gloo), bf16-mixed; the update's
+loss normalization under DDP and DeepSpeed with the real TranslationModule; and `aiayn train` under ZeRO-3 with
+translations at validation, resumed from a checkpoint.
 
 One launch of 2 forked ranks (tests/forked.py) runs tests/ds_toy_run.py: per stage, train 16 steps with a
 checkpoint per epoch, resume a scrambled model from the first checkpoint, validate from the last; then one
-update of the real model under DDP and under DeepSpeed ZeRO-2 with accumulation. This file checks, against
-references computed without DeepSpeed:
+update of the real model under DDP and under DeepSpeed ZeRO-2 with accumulation; then pipeline.train.main with
+ZeRO-3, 2 steps and a validation that translates, and a second run resumed from its checkpoint. This file checks,
+against references computed without DeepSpeed:
 
 - both processes finish every stage and exit 0;
 - the loss falls, on the full toy dataset, evaluated with the consolidated weights;
@@ -14,7 +16,10 @@ references computed without DeepSpeed:
 - the resumed run starts at global_step 8, ends at 16, and repeats the uninterrupted run's losses and weights;
 - validation through the inference engine reports the loss the consolidated weights give;
 - the three stages agree with each other (same arithmetic, only partitioned differently);
-- the update's gradient is Σ ∇(summed loss) / (target tokens of the whole update), as one process computes it.
+- the update's gradient is Σ ∇(summed loss) / (target tokens of the whole update), as one process computes it;
+- under ZeRO-3, validation's greedy and beam translations (which run outside the engine's forward) are produced on
+  both ranks, identical, and equal to what the checkpoint's consolidated weights translate in one process; so are
+  the attention maps logged to W&B; the resumed run starts at the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def launch(tmp_path_factory: pytest.TempPathFactory, corpora_dir: Path) -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     codes = forked.wait_all(forked.torchrun_fork(ds_toy_run.main, (argv,), 2, out, env), TIMEOUT_S)
     logs = {r: (out / f"rank{r}.log").read_text() for r in (0, 1)}
-    return {"codes": codes, "logs": logs, "out": out}
+    return {"codes": codes, "logs": logs, "out": out, "overrides": overrides}
 
 
 def _ranks(folder: Path) -> list[dict | None]:
@@ -176,3 +181,63 @@ def test_update_loss_is_normalized_by_all_its_tokens(launch: dict, strategy: str
         assert r["grads"].keys() == r["expected"].keys()
         for name, grad in r["grads"].items():
             torch.testing.assert_close(grad, r["expected"][name], rtol=1e-4, atol=1e-6, msg=f"{strategy}: {name}")
+
+
+def _translate_with(checkpoint: Path, overrides: list[str], sources: list[str], beam: int) -> list[str]:
+    """`sources` translated in this process, without DeepSpeed, by the consolidated weights of a ZeRO-3
+    checkpoint rounded to bf16 (the module's weights under DeepSpeed's bf16); beam 1 is greedy search."""
+    from omegaconf import OmegaConf
+
+    from data import TranslationDataModule
+    from modules.lightning import TranslationModule
+
+    cfg = load_config(overrides)
+    module = TranslationModule(
+        model=OmegaConf.to_container(cfg.model, resolve=True), optim=OmegaConf.to_container(cfg.optim, resolve=True)
+    )
+    module.load_state_dict(_consolidate(checkpoint))
+    module.bfloat16()
+    datamodule = TranslationDataModule(cfg.data, cfg.paths.output_dir)
+    datamodule.setup("validate")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks (OMP_NUM_THREADS=1): the same sums in the same order
+    try:
+        return module.translate(sources, datamodule.tokenizer, beam=beam, alpha=cfg.evaluate.alpha)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_zero3_translates_at_validation_and_resumes(launch: dict) -> None:
+    """`aiayn train strategy=deepspeed strategy.stage=3` (pipeline.train.main) on 2 ranks, issue 17: validation
+    translates and reads attention maps outside the engine's forward, where each rank holds an empty partition of
+    every parameter unless they are gathered (TranslationModule.full_parameters). Run A: 2 steps, a checkpoint,
+    greedy translations and W&B attention images at step 2; run B: resumed from that checkpoint to step 4,
+    beam-2 translations at step 4."""
+    from wandb_records import offline_runs
+
+    from modules.attention_maps import KINDS
+
+    out = launch["out"] / "zero3-translation"
+    ranks = _ranks(out)
+    assert all(r is not None for r in ranks), _log(launch)
+    for r in ranks:
+        assert [v["step"] for v in r["validations"]] == [2, 4], r["validations"]
+        assert all(len(v["samples"]) == 2 for v in r["validations"])  # run.n_samples=2
+        assert "val/bleu" in r["a"] and "val/bleu" in r["b"]  # logged only when translations came back
+        assert r["a"]["train/grad_norm"] > 0  # from the engine: ZeRO leaves every p.grad empty
+        assert (r["a"]["start_step"], r["a"]["steps"]) == (0, 2)
+        assert (r["b"]["resumed_from"], r["b"]["start_step"], r["b"]["steps"]) == (r["checkpoint"], 2, 4)
+    # Both ranks decoded with the same whole weights: the checkpoints' (saved at the step, before validation).
+    assert ranks[0]["validations"] == ranks[1]["validations"]
+    for validation, run, beam in zip(ranks[0]["validations"], ("a", "b"), (1, 2), strict=True):
+        sources = [src for src, _, _ in validation["samples"]]
+        checkpoint = out / run / "checkpoints" / f"step{validation['step']:07d}.ckpt"
+        expected = _translate_with(checkpoint, launch["overrides"], sources, beam)
+        assert [hyp for _, _, hyp in validation["samples"]] == expected, f"run {run}, step {validation['step']}"
+
+    (wandb_run,) = offline_runs(out / "a")  # rank 0's; both ranks read the attention (a collective under ZeRO-3)
+    for kind in KINDS:
+        rows = [row for row in wandb_run.history if f"val/attention/{kind}" in row]
+        assert [row["trainer/global_step"] for row in rows] == [2], kind
+        assert rows[0][f"val/attention/{kind}"]["count"] == 1  # one image per layer: model.n_layers=1

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.loss import FusedLabelSmoothedCrossEntropy, LabelSmoothedCrossEntropy
+from modules.loss import LabelSmoothedCrossEntropy
 from modules.schedule import inverse_sqrt_lr, inverse_sqrt_scheduler
 
 
@@ -53,132 +52,6 @@ def test_scheduler_applies_eq3_at_each_update():
         assert math.isclose(optimizer.param_groups[0]["lr"], inverse_sqrt_lr(update, 512, 10))
         optimizer.step()
         scheduler.step()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_loss_equals_the_plain_one_in_value_and_gradient(dtype, monkeypatch):
-    """The chunked, fused loss (modules/loss.FusedLabelSmoothedCrossEntropy) against the plain log-softmax one,
-    on logits of both dtypes training sees, with padding, and chunks smaller than the rows (several chunks)."""
-    monkeypatch.setattr(FusedLabelSmoothedCrossEntropy, "CHUNK_ELEMENTS", 7 * 50)
-    torch.manual_seed(0)
-    target = torch.randint(1, 50, (4, 9))
-    target[1, 5:] = 0
-    target[3, 2:] = 0
-    logits = (3 * torch.randn(4, 9, 50)).to(dtype)
-    results = {}
-    for fused in (False, True):
-        leaf = logits.clone().requires_grad_(True)
-        loss, nll = LabelSmoothedCrossEntropy(0.1, pad_id=0, fused=fused)(leaf, target)
-        (2.5 * loss).backward()
-        results[fused] = (loss.detach(), nll.detach(), leaf.grad)
-    (loss, nll, grad), (f_loss, f_nll, f_grad) = results[False], results[True]
-    torch.testing.assert_close(f_loss, loss, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(f_nll, nll, rtol=1e-5, atol=1e-4)
-    assert f_grad.dtype == dtype and not f_nll.requires_grad
-    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
-    torch.testing.assert_close(f_grad.float(), grad.float(), **tol)
-    assert f_grad[target == 0].abs().max() == 0  # padding positions get no gradient
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-def test_projected_loss_equals_projection_then_plain_loss(autocast, monkeypatch):
-    """from_hidden (ProjectedLabelSmoothedCrossEntropy: projection, loss and their gradients in one) against
-    F.linear then the plain loss, in float32 and under bf16 autocast (float32 hidden states and weight, as the
-    model holds them), with padding and several chunks: the same loss and nll, the same gradients for the hidden
-    states and the weight, in their own dtypes; and without gradients (validation) the same sums. Under bf16 both
-    are compared with a float64 computation from the same bf16-rounded inputs, and the fused one must be as close
-    to it as the plain one (bf16 rounds their matmul outputs at different points)."""
-    monkeypatch.setattr(FusedLabelSmoothedCrossEntropy, "CHUNK_ELEMENTS", 7 * 50)
-    torch.manual_seed(0)
-    target = torch.randint(1, 50, (4, 9))
-    target[1, 5:] = 0
-    target[3, 2:] = 0
-    hidden = torch.randn(4, 9, 16)
-    weight = torch.randn(50, 16) * 16**-0.5
-    if autocast:  # the values autocast multiplies are then the inputs themselves
-        hidden, weight = hidden.bfloat16().float(), weight.bfloat16().float()
-    results = {}
-    for mode in ("plain", "fused", "float64"):
-        dtype = torch.float64 if mode == "float64" else torch.float32
-        h, w = hidden.to(dtype, copy=True).requires_grad_(True), weight.to(dtype, copy=True).requires_grad_(True)
-        criterion = LabelSmoothedCrossEntropy(0.1, pad_id=0, fused=mode == "fused")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and mode != "float64"):
-            loss, nll = criterion.from_hidden(h, w, target)
-            with torch.no_grad():
-                no_grad = criterion.from_hidden(h, w, target)
-        (2.5 * loss).backward()
-        results[mode] = (loss.detach(), nll.detach(), h.grad, w.grad, no_grad)
-    (loss, nll, grad_h, grad_w, _), (f_loss, f_nll, f_grad_h, f_grad_w, f_no_grad) = results["plain"], results["fused"]
-    torch.testing.assert_close(f_no_grad[0], f_loss)
-    torch.testing.assert_close(f_no_grad[1], f_nll)
-    assert not f_nll.requires_grad and f_grad_h.dtype == f_grad_w.dtype == torch.float32
-    assert f_grad_w.is_contiguous()
-    assert f_grad_h[target == 0].abs().max() == 0  # padding positions get no gradient
-    if not autocast:
-        for fused, plain in zip((f_loss, f_nll, f_grad_h, f_grad_w), (loss, nll, grad_h, grad_w), strict=True):
-            torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
-        return
-    exact = results["float64"]
-    for i in range(4):  # loss, nll, grad_h, grad_w
-        error = {mode: (results[mode][i].double() - exact[i]).abs().max().item() for mode in ("plain", "fused")}
-        assert error["fused"] <= 1.5 * error["plain"] + 1e-6 * exact[i].abs().max().item(), (i, error)
-
-
-def test_projected_loss_with_bf16_parameters_and_float16_autocast():
-    """bf16 parameters without autocast (DeepSpeed's bf16 engine) take the fused path, with bf16 gradients as close
-    to a float64 computation as the plain path's; float16 autocast (16-mixed) takes project-then-loss, the plain
-    path itself."""
-    torch.manual_seed(0)
-    target = torch.randint(1, 50, (4, 9))
-    target[1, 5:] = 0
-    hidden, weight = torch.randn(4, 9, 16).bfloat16(), (torch.randn(50, 16) * 16**-0.5).bfloat16()
-    results = {}
-    for mode in ("plain", "fused", "float64"):
-        dtype = torch.float64 if mode == "float64" else torch.bfloat16
-        h, w = hidden.to(dtype, copy=True).requires_grad_(True), weight.to(dtype, copy=True).requires_grad_(True)
-        loss, nll = LabelSmoothedCrossEntropy(0.1, pad_id=0, fused=mode == "fused").from_hidden(h, w, target)
-        loss.backward()
-        results[mode] = (loss.detach(), nll.detach(), h.grad, w.grad)
-    assert results["fused"][2].dtype == results["fused"][3].dtype == torch.bfloat16
-    for i in range(4):
-        error = {m: (results[m][i].double() - results["float64"][i]).abs().max().item() for m in ("plain", "fused")}
-        assert error["fused"] <= 1.5 * error["plain"] + 1e-6 * results["float64"][i].abs().max().item(), (i, error)
-
-    h, w = hidden.float(), weight.float()
-    criterion = LabelSmoothedCrossEntropy(0.1, pad_id=0, fused=True)
-    with torch.autocast("cpu", dtype=torch.float16):
-        fused = criterion.from_hidden(h, w, target)
-        plain = criterion(F.linear(h, w), target)
-    torch.testing.assert_close(fused, plain, rtol=0, atol=0)
-
-
-def test_projected_loss_trains_the_model_as_the_plain_one():
-    """The training step's losses and every parameter's gradient (the tied embedding gets the projection's and
-    the lookups' gradients) are the same through the fused path (TranslationModule._losses: features, then
-    from_hidden with the output weight) as through logits = model(src, tgt_in) and the plain loss."""
-    from modules.lightning import TranslationModule
-
-    model = {"vocab_size": 40, "n_layers": 2, "d_model": 16, "d_ff": 32, "n_heads": 2, "dropout": 0.0}
-    optim = {"betas": [0.9, 0.98], "eps": 1e-9, "warmup_steps": 3, "label_smoothing": 0.1, "fused_loss": True}
-    torch.manual_seed(0)
-    module = TranslationModule(model=model, optim=optim, n_samples=0)
-    batch = {
-        "src": torch.randint(1, 40, (3, 7)),
-        "tgt_in": torch.randint(1, 40, (3, 6)),
-        "tgt_out": torch.randint(1, 40, (3, 6)),
-    }
-    batch["tgt_out"][2, 3:] = 0
-    fused_loss, fused_nll, _ = module._losses(batch)
-    fused_loss.backward()
-    fused_grads = {name: p.grad.clone() for name, p in module.named_parameters()}
-    module.zero_grad()
-    plain = LabelSmoothedCrossEntropy(0.1, pad_id=0)
-    loss, nll = plain(module.model(batch["src"], batch["tgt_in"]), batch["tgt_out"])
-    loss.backward()
-    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused_nll, nll, rtol=1e-5, atol=1e-5)
-    for name, p in module.named_parameters():
-        torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_fused_adam_makes_the_same_updates_as_the_plain_one():
