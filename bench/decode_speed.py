@@ -2,7 +2,7 @@
 and without the decoder's key/value cache.
 
 Translates the first --sentences sentences of a prepared split (default: Multi30k test, 1,000 sentences) the way
-`aiayn evaluate` does (pipeline/evaluate.py: its model loading, length-sorted batches of --max-tokens padded source
+`aiayn evaluate` does (pipeline/inference.py: its model loading, length-sorted batches of --max-tokens padded source
 tokens), once per round with each decoding, alternating which goes first so that machine noise hits both alike.
 Without the cache the decoder reruns every whole prefix at each step (modules/beam.py, use_cache=False). Both
 outputs are scored with sacrebleu against the references: they are the same hypotheses, so the same BLEU.
@@ -34,8 +34,10 @@ set_torch_environment()  # as `aiayn` does, before torch is imported (pipeline/h
 import torch  # noqa: E402
 
 from modules.beam import beam_search  # noqa: E402
+from modules.decoding import translate_ids  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluate import load_for_inference, prepared_split, score, translate_ids  # noqa: E402
+from pipeline.inference import load_for_inference, prepared_split  # noqa: E402
+from pipeline.scores import score  # noqa: E402
 
 BEAM, ALPHA, MAX_EXTRA = 4, 0.6, 50  # section 6.1
 

@@ -8,7 +8,7 @@ takes an existing one of ours instead.
 
 Then the 1,000 Multi30k test sentences (test_2016_flickr) are translated, rounds alternating which goes first, with
 beam 4, length penalty α 0.6, outputs up to source length + 50 tokens and batches of 4096 source tokens:
-  ours     pipeline/evaluate.translate_ids with make_search(evaluate.*) (what `aiayn evaluate` runs), timed
+  ours     modules/decoding.translate_ids, pipeline/inference.make_search(evaluate.*) (as `aiayn evaluate` runs), timed
            around the decoding, in float32 and with evaluate.precision=bf16-mixed;
   fairseq  `fairseq-generate --beam 4 --lenpen 0.6 --max-len-a 1 --max-len-b 50 --max-tokens 4096 --cpu`, its
            own "Translated N sentences ... in T s" (decoding only, like ours).
@@ -112,9 +112,11 @@ def main() -> None:
 
     import torch
 
+    from modules.decoding import translate_ids
     from pipeline.config import load_config
-    from pipeline.evaluate import load_for_inference, make_search, prepared_split, score, translate_ids
     from pipeline.host import reuse_freed_memory
+    from pipeline.inference import load_for_inference, make_search, prepared_split
+    from pipeline.scores import score
 
     torch.set_num_threads(2)
     reuse_freed_memory()  # as `aiayn evaluate` does on CPU

@@ -5,7 +5,7 @@ For each model (base, big: conf/model/, the paper's 37k tied vocabulary) at abou
 bf16 autocast over float32 weights, fused Adam with the Eq. 3 schedule, every row on the IDENTICAL batches:
   kernels=K compile=C   this project's step: modules.lightning.TranslationModule(kernels=K, compile=C), then
                         use_device (the device's kernels and torch.compile, modules/kernels.py), the optimizer and
-                        schedule of configure_optimizers(), one update = _losses under autocast, (loss_sum /
+                        schedule of configure_optimizers(), one update = batch_losses under autocast, (loss_sum /
                         n_tokens).backward(), optimizer and scheduler step, zero_grad. Default rows (--variants):
                         cuda:auto (what `aiayn train` runs on a GPU: compiled), cuda:false (eager), plain:false
                         (the paper's formulas as written, eager: the earlier H200 note's "fused_loss false" row)
@@ -15,9 +15,9 @@ bf16 autocast over float32 weights, fused Adam with the Eq. 3 schedule, every ro
                         same Adam (fused, betas 0.9/0.98, eps 1e-9) and schedule, eager
 Per row: seconds per update (median of --steps timed updates after --warmup untimed ones, the device synchronized
 around each; the warm-up's duration, torch.compile included, is reported apart), target tokens/s, model TFLOP/s
-(pipeline/plan.py's training FLOPs per target token at each batch's mean lengths) and MFU against (a) the bf16
+(pipeline/costs.py's training FLOPs per target token at each batch's mean lengths) and MFU against (a) the bf16
 matmul peak measured in the same run (best of several 8192^3 matmuls, before and after the rows) and (b) the
-datasheet peak of pipeline/plan.py's ACCELERATORS for this device's name; peak device memory of the row
+datasheet peak of pipeline/costs.py's ACCELERATORS for this device's name; peak device memory of the row
 (max_memory_allocated, everything freed between rows); tokens/s relative to the peer of the same model; the loss
 per target token of the first update (same seed and first batch for every row: the project's rows agree to bf16
 precision where they draw the same dropout masks; compiled code draws its own, and the peer has its own weights).
@@ -91,8 +91,8 @@ from modules.kernels import CHOICES as KERNEL_CHOICES  # noqa: E402
 from modules.lightning import TranslationModule  # noqa: E402
 from modules.schedule import inverse_sqrt_scheduler  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.costs import ACCELERATORS, accelerator_for_device_name, training_flops_per_target_token  # noqa: E402
 from pipeline.params import count_parameters  # noqa: E402
-from pipeline.plan import ACCELERATORS, accelerator_for_device_name, training_flops_per_target_token  # noqa: E402
 
 MODELS = {
     "base": ["model=base"],  # 37k vocabulary, as conf/model/base.yaml has it
@@ -159,7 +159,7 @@ def device_name(device: torch.device) -> str:
 
 
 def datasheet_key(device: torch.device) -> str | None:
-    """The ACCELERATORS key of this device (pipeline/plan.py), None if the table has no entry for it."""
+    """The ACCELERATORS key of this device (pipeline/costs.py), None if the table has no entry for it."""
     if device.type == "cpu":
         return "cpu"
     if device.type == "cuda":
@@ -310,6 +310,15 @@ def variant_name(kernels: str, compile_: bool | str) -> str:
     return f"kernels={kernels} compile={str(compile_).lower()}"
 
 
+def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler) -> torch.Tensor:  # noqa: ANN001
+    """One optimizer update from the mean loss per target token, as Lightning's loop runs it; returns the loss."""
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def project_row(cfg, kernels: str, compile_: bool | str, device: torch.device) -> tuple[Step, dict]:  # noqa: ANN001
     """This project's training step as `aiayn train` runs it (module docstring)."""
     module = TranslationModule(
@@ -327,13 +336,8 @@ def project_row(cfg, kernels: str, compile_: bool | str, device: torch.device) -
 
     def step(batch: dict) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss_sum, _, n_tokens = module._losses(batch)
-        loss = loss_sum / n_tokens
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+            loss_sum, _, n_tokens = module.batch_losses(batch)
+        return update(loss_sum / n_tokens, optimizer, scheduler)
 
     facts = {
         "kernels": kernels,
@@ -365,12 +369,7 @@ def peer_row(cfg, device: torch.device) -> tuple[Step, dict]:  # noqa: ANN001
                 ignore_index=pad,
                 reduction="sum",
             )
-        loss = loss_sum / batch["tgt_out"].ne(pad).sum()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return update(loss_sum / batch["tgt_out"].ne(pad).sum(), optimizer, scheduler)
 
     facts = {
         "what": "torch.nn.Transformer (batch_first, SDPA) + tied embedding x sqrt(d_model) + sinusoids, "

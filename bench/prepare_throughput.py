@@ -194,8 +194,8 @@ def child_ours(en: str, de: str, out: str, vocab: int, sample: int, workers: str
 
         return wrapper
 
-    data.prepare._train_bpe = timed("bpe_s", data.prepare._train_bpe)
-    data.prepare._encode_split = timed("encode_s", data.prepare._encode_split)
+    data.prepare.train_bpe = timed("bpe_s", data.prepare.train_bpe)
+    data.prepare.encode_split = timed("encode_s", data.prepare.encode_split)
     start = time.perf_counter()
     dataset_dir = data.prepare.prepare_dataset(cfg.data, out)
     seconds = time.perf_counter() - start

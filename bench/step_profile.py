@@ -4,11 +4,11 @@ For each model (small; base with the paper's 37k vocabulary) in bf16-mixed, runs
 Multi30k token batches (the data module's own sampler and collation, as `aiayn train` uses them) with 4096 tokens
 per batch (the paper's batches hold 25,000 per side; vs_fairseq.py gives the base model 1024 to keep fairseq's fp32
 run short, but matmuls that small measure the batch, not the pipeline). First --steps updates are timed as they
-run in training, for the model FLOPs utilization: training FLOPs from pipeline/plan.py's formula at the batches'
+run in training, for the model FLOPs utilization: training FLOPs from pipeline/costs.py's formula at the batches'
 real lengths, per second, over the bf16 matmul peak measured in the same run. Then --steps more run under the torch
 profiler, with one `record_function` range per phase:
   data       next batch from the DataLoader (sampling, collation)
-  forward    the model and the label-smoothed loss under bf16 autocast (TranslationModule._losses)
+  forward    the model and the label-smoothed loss under bf16 autocast (TranslationModule.batch_losses)
   backward   loss.backward()
   optimizer  Adam step, schedule and zero_grad
   logging    reading the loss back to the host (what a progress bar does every update)
@@ -41,15 +41,14 @@ set_torch_environment()  # as `aiayn` does, before torch is imported (pipeline/h
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 from train_throughput import CONFIGS, matmul_gflops  # noqa: E402  (bench/ is first on sys.path)
 
 from data import TranslationDataModule  # noqa: E402
-from modules.lightning import TranslationModule  # noqa: E402
 from pipeline.config import load_config, output_dir  # noqa: E402
+from pipeline.costs import training_flops_per_target_token  # noqa: E402
 from pipeline.host import reuse_freed_memory  # noqa: E402
-from pipeline.plan import training_flops_per_target_token  # noqa: E402
+from pipeline.train import build_module  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer", "logging")
 MAX_TOKENS = 4096  # padded tokens per batch, both models
@@ -82,15 +81,11 @@ def profile_model(name: str, steps: int, warmup: int | None) -> dict:
     datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    module = TranslationModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        n_samples=0,
-    )
+    module = build_module(cfg)  # as `aiayn train` builds it (pipeline/train.py)
     optimizers = module.configure_optimizers()  # Adam and Eq. 3 as training configures them (optim.fused_adam)
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
     loader = datamodule.train_dataloader()
-    batches = epochs(loader, datamodule._train_sampler)
+    batches = epochs(loader, loader.batch_sampler)
     counts = module.model.parameter_counts()
     real = {"src": 0, "tgt": 0}
     padded = {"src": 0, "tgt": 0}
@@ -101,7 +96,7 @@ def profile_model(name: str, steps: int, warmup: int | None) -> dict:
         with record_function("data"):
             batch = next(batches)
         with record_function("forward"), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss_sum, _, n_tokens = module._losses(batch)
+            loss_sum, _, n_tokens = module.batch_losses(batch)
             loss = loss_sum / n_tokens
         with record_function("backward"):
             loss.backward()
@@ -147,7 +142,7 @@ def profile_model(name: str, steps: int, warmup: int | None) -> dict:
         "top_ops_self_cpu_share": {e.key: round(e.self_cpu_time_total / total_us, 3) for e in top[:10]},
         "model_tflops_per_sec": round(flops / wall / 1e12, 3),
         "padding_efficiency": {k: round(real[k] / padded[k], 3) for k in real},
-        "padding_efficiency_epoch": epoch_padding(datamodule._train_sampler, datamodule.splits["train"]),
+        "padding_efficiency_epoch": epoch_padding(loader.batch_sampler, datamodule.splits["train"]),
     }
 
 

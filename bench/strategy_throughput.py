@@ -3,7 +3,7 @@
     .venv/bin/python bench/strategy_throughput.py [--rounds 2] [--steps 20] [--warmup 5] [--model small]
 
 Each configuration trains the same model in bf16-mixed (the fast CPU path) on Multi30k token batches of max_tokens
-per process, through `pipeline.train.build_trainer`, i.e. with the strategies `aiayn train` uses. All of them use
+per process, through `pipeline.train.build_run`, i.e. with the strategies `aiayn train` uses. All of them use
 every core: the single process as intra-op threads, the 2-process runs (torchrun, gloo) one thread per rank. A
 run's throughput is the target tokens of all ranks over the same steps divided by the slowest rank's time for them
 (after `--warmup` steps). Configurations alternate within each round, so machine noise hits them alike; the medians
@@ -36,12 +36,9 @@ def child(config: str, model: str, max_tokens: int, steps: int, warmup: int, out
     """One rank: fit warmup + steps optimizer steps, write this rank's target tokens and seconds after warmup."""
     sys.path.insert(0, str(ROOT))
     import lightning as L
-    from omegaconf import OmegaConf
 
-    from data import TranslationDataModule
-    from modules.lightning import TranslationModule
-    from pipeline.config import load_config, output_dir
-    from pipeline.train import build_trainer
+    from pipeline.config import load_config
+    from pipeline.train import build_run
 
     class StepTimer(L.Callback):
         """Target tokens and wall time of this rank's training batches after the first `warmup` steps."""
@@ -69,16 +66,11 @@ def child(config: str, model: str, max_tokens: int, steps: int, warmup: int, out
         "run.val_bleu_sentences=0",
         *CONFIGS[config]["overrides"],
     ]
-    cfg = load_config(overrides)
-    L.seed_everything(cfg.seed)
-    module = TranslationModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True), optim=OmegaConf.to_container(cfg.optim, resolve=True)
-    )
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = build_trainer(cfg, Path(run_dir))
-        trainer.callbacks.append(timer)
-        trainer.fit(module, datamodule=TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed))
+        run = build_run(load_config(overrides), directory=Path(run_dir))  # what `aiayn train` fits
+        run.trainer.callbacks.append(timer)
+        run.trainer.fit(run.module, datamodule=run.datamodule)
     rank = int(os.environ.get("RANK", 0))
     (out / f"rank{rank}.json").write_text(json.dumps({"tokens": timer.tokens, "seconds": timer.seconds}))
     import torch.distributed as dist

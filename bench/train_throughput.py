@@ -23,11 +23,10 @@ set_torch_environment()  # as `aiayn` does, before torch is imported (pipeline/h
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from data import TranslationDataModule  # noqa: E402
-from modules.lightning import TranslationModule  # noqa: E402
 from pipeline.config import load_config, output_dir  # noqa: E402
+from pipeline.train import build_module  # noqa: E402
 
 CONFIGS = {
     "small": ["model=small"],
@@ -57,11 +56,7 @@ def measure(model_name: str, precision: str, datamodule: TranslationDataModule, 
     datamodule.cfg["max_tokens"] = MAX_TOKENS[model_name]
     reuse_freed_memory()  # as `aiayn train` does on CPU
     cfg = load_config(CONFIGS[model_name])
-    module = TranslationModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        n_samples=0,
-    )
+    module = build_module(cfg)  # as `aiayn train` builds it (pipeline/train.py)
     timer = StepTimer(warmup)
     trainer = L.Trainer(
         accelerator="cpu",

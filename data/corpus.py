@@ -74,9 +74,9 @@ class ParallelCorpus:
     ) -> Iterator[tuple[list[str], list[str], list[str | None]]]:
         """Like `batches`, for the pairs at `indices` (ascending, e.g. a sorted random sample), in that order.
 
-        Reads each Arrow record batch (~50k rows) once, with one `take` of the sampled rows it holds: a 100k-pair
-        sample of 4.5M rows takes seconds. (`Dataset.__getitem__` with a list of indices builds a one-row slice
-        per index and took over 40 minutes for the same sample.)
+        Reads each Arrow record batch (~50k rows) once, with one `take` of the sampled rows it holds, so a sample
+        costs one pass over the table. (`Dataset.__getitem__` with a list of indices builds a one-row slice per
+        index, far too slow for a sample of a large corpus.)
         """
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) and (np.any(np.diff(indices) < 0) or indices[0] < 0 or indices[-1] >= len(self)):
@@ -84,8 +84,8 @@ class ParallelCorpus:
         if self.data._indices is not None:  # a selected/shuffled view: rows are not in file order
             raise ValueError(f"split {self.split!r} is a view with an indices mapping; flatten_indices() it first")
         # The files are read (not memory-mapped), one record batch at a time: a sample spread over the whole corpus
-        # touches nearly every page of it, and mapped pages would stay in this process's resident set (1.1 GB at
-        # 4.5M pairs); a read batch is freed once its sampled rows are taken.
+        # touches nearly every page of it, and mapped pages would stay in this process's resident set, growing
+        # with the corpus; a read batch is freed once its sampled rows are taken.
         pending: list[pa.Table] = []
         offset, cursor = 0, 0  # first row of the current record batch; next index of `indices` to take
         for record_batch in read_record_batches(self.arrow_files()):

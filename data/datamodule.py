@@ -11,7 +11,7 @@ also splits them across DDP ranks itself, so configure the Trainer with
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data.batching import TokenBatchSampler
 from data.collate import collate_pairs
 from data.corpus import ParallelCorpus
-from data.manifest import read_manifest, verify_spm_model
-from data.prepare import dataset_dir_for, prepare_dataset, resolve_data_config, split_sources
+from data.manifest import is_complete, read_manifest, verify_spm_model
+from data.prepare import find_dataset_dir, prepare_dataset, resolve_data_config, split_sources
 from data.shards import ShardedPairs
 from data.tokenizer import Tokenizer
 
@@ -41,18 +41,20 @@ class TranslationDataModule(L.LightningDataModule):
         self.cfg = resolve_data_config(data_cfg)
         self.output_dir, self.seed = Path(output_dir), seed
         self.accumulation = accumulation  # micro-batches per optimizer update (Trainer.accumulate_grad_batches)
-        # Derived from the input files' sha256 and the config: every rank finds the same folder by itself.
-        self.dataset_dir = dataset_dir_for(self.cfg, self.output_dir)
+        # Named by the input files' sha256 and the config: every rank finds the same folder by itself, once it is
+        # prepared from the manifest's record of the files (data/prepare.py), without reading them.
+        self.dataset_dir = find_dataset_dir(self.cfg, self.output_dir)
         self.tokenizer: Tokenizer | None = None
         self.manifest: dict[str, Any] | None = None
         self.splits: dict[str, ShardedPairs] = {}
         self._corpora: dict[str, ParallelCorpus] = {}  # raw text, for sample translations
         self._train_sampler: TokenBatchSampler | None = None
-        self._sampler_state: dict[str, int] | None = None  # loaded from a checkpoint, waiting for the sampler
+        self._legacy_sampler_state: dict[str, int] | None = None  # from an older checkpoint (load_state_dict)
 
     # -- Lightning hooks -----------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        prepare_dataset(self.cfg, self.output_dir)
+        if not is_complete(self.dataset_dir):  # else prepare_dataset would hash the corpus to say so
+            prepare_dataset(self.cfg, self.output_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
@@ -75,9 +77,9 @@ class TranslationDataModule(L.LightningDataModule):
             accumulation=self.accumulation,
         )
         sampler.set_epoch(epoch)
-        if self._sampler_state is not None:  # resuming from a checkpoint: continue mid-epoch
-            sampler.load_state_dict(self._sampler_state)
-            self._sampler_state = None
+        if self._legacy_sampler_state is not None:  # resuming from an older checkpoint: continue mid-epoch
+            sampler.load_state_dict(self._legacy_sampler_state)
+            self._legacy_sampler_state = None
         self._train_sampler = sampler
         if self.trainer is not None and not self.trainer.reload_dataloaders_every_n_epochs:
             rank_zero_warn(
@@ -86,14 +88,11 @@ class TranslationDataModule(L.LightningDataModule):
             )
         if self.tokenizer is None:
             raise RuntimeError("TranslationDataModule.setup() must run before asking for a dataloader")
-        # batch_size=None: the "sampler" yields whole batches, (pair indices, update target tokens), and
-        # TrainBatches turns each into one collated batch (in the workers, if there are any).
-        return DataLoader(
+        return TrainLoader(
             TrainBatches(self.splits["train"], self._collate()),
-            sampler=UpdateTokenSampler(sampler),
-            batch_size=None,
-            collate_fn=_as_is,
+            sampler,
             num_workers=int(self.cfg.get("num_workers") or 0),
+            trained=self._batches_trained,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -102,25 +101,20 @@ class TranslationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
-    # -- resumable mid-epoch: Lightning stores this in every checkpoint ------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        if self._train_sampler is None:
-            return {"train_sampler": self._sampler_state} if self._sampler_state else {}
-        state = self._train_sampler.state_dict()
-        # The sampler runs ahead of training (Lightning prefetches a batch, workers prefetch more), so the
-        # batches it has yielded overcount. Lightning's own progress counter says how many were trained on.
-        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            state["batches_done"] = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"train_sampler": state}
+    # -- resumable mid-epoch: the training loader's state (TrainLoader) is in every checkpoint ---------------
+    def _batches_trained(self) -> int | None:
+        """Batches of the current epoch trained on, by Lightning's progress counter, while fitting; else None."""
+        if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return None
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = state_dict.get("train_sampler")
-        if state is None:
-            return
-        if self._train_sampler is not None:
-            self._train_sampler.load_state_dict(state)
-        else:  # Lightning restores state before it asks for the dataloader: apply it then
-            self._sampler_state = dict(state)
+        """Checkpoints written before TrainLoader kept the sampler position here, as {"train_sampler": ...}.
+
+        Lightning restores this before it asks for the training loader, which then starts from that position.
+        """
+        if state_dict.get("train_sampler"):
+            self._legacy_sampler_state = dict(state_dict["train_sampler"])
 
     # -- helpers -------------------------------------------------------------------------------------------
     def raw_pairs(self, split: str, n: int) -> list[tuple[str, str]]:
@@ -174,10 +168,47 @@ def _as_is(batch: dict) -> dict:
     return batch
 
 
+class TrainLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch through Lightning's own route.
+
+    Lightning's fit loop saves the `state_dict()` of a training loader that has `state_dict`/`load_state_dict`
+    in every checkpoint, and loads it into the loader it creates on resume, before iterating it; a loader without
+    them resumes at the start of its epoch, with a warning that it is not resumable. The state is the
+    TokenBatchSampler's (epoch, batches done), so the resumed epoch continues with its next untrained batch. The
+    sampler runs ahead of training (Lightning prefetches a batch, workers prefetch more), so the batches it has
+    yielded overcount: `trained()`, when it gives a number, is how many batches of the epoch were trained on.
+
+    batch_size=None: the sampler yields whole batches, (pair indices, update target tokens), and TrainBatches
+    turns each into one collated batch (in the workers, if there are any).
+    """
+
+    def __init__(
+        self,
+        dataset: TrainBatches,
+        batches: TokenBatchSampler,
+        num_workers: int = 0,
+        trained: Callable[[], int | None] | None = None,
+    ):
+        super().__init__(
+            dataset, sampler=UpdateTokenSampler(batches), batch_size=None, collate_fn=_as_is, num_workers=num_workers
+        )
+        self.batches, self.trained = batches, trained
+
+    def state_dict(self) -> dict[str, int]:
+        state = self.batches.state_dict()
+        done = self.trained() if self.trained is not None else None
+        if done is not None:
+            state["batches_done"] = done
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.batches.load_state_dict(state_dict)
+
+
 class UpdateTokenSampler(Sampler):
     """A TokenBatchSampler's batches as (pair indices, target tokens of their optimizer update) items.
 
-    Lightning calls set_epoch on `dataloader.sampler`: passed on, as are length and position (state_dict).
+    Lightning calls set_epoch on `dataloader.sampler`: passed on, as is the length (the position is TrainLoader's).
     """
 
     def __init__(self, batches: TokenBatchSampler):

@@ -1,8 +1,9 @@
 """manifest.json: what a prepared dataset folder contains, and the proof that its preparation finished.
 
-The manifest is written last, to a temporary name and then renamed, so its presence means every shard and
-the BPE model next to it are complete. It records where the data came from (sha256 of each input file), the
-BPE model's sha256, the resolved data config, and per shard its pair/token counts and file checksums.
+The manifest is written last, to a temporary name and then renamed (data/atomic.py), so its presence means every
+shard and the BPE model next to it are complete. It records where the data came from (sha256 of each input file),
+the BPE model's sha256, the resolved data config, per shard its pair/token counts and file checksums, and under
+"lookup" what lets a later process find the folder without reading the corpus again (data/prepare.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from data.errors import DatasetNotPreparedError, SpmModelMismatchError
 
@@ -26,16 +26,6 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to `path` so readers see either the old file or the whole new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(dataset_dir: Path) -> dict:

@@ -11,6 +11,14 @@ name/config/split/revision; the vocabulary size, max_len, the cleaning steps, ..
 same folder name on its own, a changed setting gets a new folder beside the old one, and preparing twice with the
 same inputs does nothing the second time.
 
+Hashing a large corpus is slow, so it is done by `aiayn prepare` (`dataset_dir_for`, `prepare_dataset`), and the
+manifest records under "lookup" the config part of the identity and each input file's path, size, mtime, ctime and
+inode. A reader (the data module on every rank: train, evaluate, translate, attention; `aiayn run`'s "prepared?")
+finds the folder with `find_dataset_dir`, which compares those with what `stat` says now and hashes the files only
+when they differ (a file written, touched, copied or moved since). Writing a file changes its mtime and ctime, so an
+edited corpus is still noticed; `check_corpus` (`aiayn data check`) reads every byte again for the case stat cannot
+see.
+
 Shards are encoded in parallel, one per worker process (data/pool.py, data/encode.py; data.num_prepare_workers),
 and collected in shard order, so the folder is byte for byte the same whatever the number of workers.
 
@@ -21,6 +29,7 @@ encodes only the shards still missing.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -37,11 +46,13 @@ from filelock import FileLock  # a dependency of `datasets` and torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from data.atomic import move_into_place, write_json_atomic
 from data.clean import Cleaner, resolve_clean_config
 from data.corpus import ParallelCorpus
 from data.dedup import Deduplicator
 from data.encode import ENCODE_BATCH, ShardJob
-from data.manifest import FORMAT_VERSION, MANIFEST_NAME, file_sha256, is_complete, write_json_atomic
+from data.errors import DataError, DatasetNotPreparedError
+from data.manifest import FORMAT_VERSION, MANIFEST_NAME, file_sha256, is_complete, read_manifest
 from data.pool import ShardPool, resolve_workers
 from data.shards import finished_shard, load_shard, remove_shard, write_shard
 from data.sources import READER_VERSION, Source, describe, parse_split
@@ -56,6 +67,14 @@ CONTENT_KEYS = ("src_lang", "tgt_lang", "vocab_size", "spm_sample_lines", "max_l
 PENDING = ".pending"  # candidate shards awaiting de-duplication (data/dedup.py), under the dataset folder
 CLEAN_COUNTS = ("changed", "removed")
 SPM_SEED = 1
+LOOKUP = "lookup"  # the manifest's entry that lets find_dataset_dir skip hashing the corpus
+# The sha256 of each corpus file this process hashed, by its stat: `aiayn prepare` asks for the folder's name, then
+# prepares it, and reads each file once.
+_SHA256_BY_STAT: dict[tuple, str] = {}
+
+
+class CorpusChangedError(DataError, ValueError):
+    """A corpus file's bytes are not those the prepared dataset of this config was made from."""
 
 
 def resolve_data_config(data_cfg: DictConfig | dict) -> dict[str, Any]:
@@ -74,6 +93,51 @@ def split_sources(cfg: dict[str, Any]) -> dict[str, list[Source]]:
     return {split: parse_split(split, spec, cfg) for split, spec in cfg["splits"].items()}
 
 
+def _sources(cfg: dict[str, Any]) -> list[Source]:
+    return [s for group in split_sources(cfg).values() for s in group]
+
+
+def _file_stat(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {
+        "path": str(path.resolve()),
+        "bytes": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,  # set by the kernel on every write: unlike mtime, no tool puts it back
+        "inode": st.st_ino,  # a file replaced by another (written beside it, then renamed)
+    }
+
+
+def corpus_sha256(path: Path, reuse: bool = True) -> str:
+    """sha256 of a corpus file; with `reuse`, the one this process computed before if the file's stat is the same."""
+    key = tuple(_file_stat(path).values())  # taken before reading: a file written meanwhile gets hashed again
+    if not reuse or key not in _SHA256_BY_STAT:
+        _SHA256_BY_STAT[key] = file_sha256(path)
+    return _SHA256_BY_STAT[key]
+
+
+def _identity(cfg: dict[str, Any], source: dict[str, dict], without: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "reader_version": READER_VERSION,
+        "sentencepiece": spm.__version__,
+        "config": {k: cfg.get(k) for k in CONTENT_KEYS},
+        "clean": resolve_clean_config(cfg.get("clean")),
+        "inputs": {key: {k: v for k, v in entry.items() if k not in without} for key, entry in source.items()},
+    }
+
+
+def _digest(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _fingerprint(cfg: dict[str, Any], sources: list[Source], reuse: bool = True) -> tuple[str, dict[str, Any]]:
+    sha = {path: corpus_sha256(path, reuse) for s in sources for path in s.files.values()}
+    source = {key: entry for s in sources for key, entry in describe(s, sha).items()}
+    # what identifies each input: its bytes' sha256 and read options, never its path
+    return _digest(_identity(cfg, source, without=("path", "bytes"))), source
+
+
 def dataset_fingerprint(data_cfg: DictConfig | dict) -> tuple[str, dict[str, Any]]:
     """sha256 over the input files' CONTENT (not path or mtime: a copied corpus keeps its folder) + content keys.
 
@@ -81,36 +145,115 @@ def dataset_fingerprint(data_cfg: DictConfig | dict) -> tuple[str, dict[str, Any
     Returns (fingerprint hex, the input description stored in the manifest as "source").
     """
     cfg = resolve_data_config(data_cfg)
-    sources = [s for group in split_sources(cfg).values() for s in group]
-    sha = {path: file_sha256(path) for s in sources for path in s.files.values()}
-    source = {key: entry for s in sources for key, entry in describe(s, sha).items()}
-    identity = {
-        "format_version": FORMAT_VERSION,
-        "reader_version": READER_VERSION,
-        "sentencepiece": spm.__version__,
-        "config": {k: cfg.get(k) for k in CONTENT_KEYS},
-        "clean": resolve_clean_config(cfg.get("clean")),
-        # what identifies each input: its bytes' sha256 and read options, never its path
-        "inputs": {
-            key: {k: v for k, v in entry.items() if k not in ("path", "bytes")} for key, entry in source.items()
-        },
+    return _fingerprint(cfg, _sources(cfg))
+
+
+def _lookup(cfg: dict[str, Any], sources: list[Source]) -> dict[str, Any]:
+    """The manifest's "lookup": the fingerprint's config part (all of it but the inputs' bytes) and each input
+    file's stat, which together stand for the fingerprint while no file is written, replaced or moved."""
+    unhashed = {path: None for s in sources for path in s.files.values()}
+    source = {key: entry for s in sources for key, entry in describe(s, unhashed).items()}
+    return {
+        "config_key": _digest(_identity(cfg, source, without=("path", "bytes", "sha256"))),
+        "corpus_stat": {f"{s.label}.{role}": _file_stat(path) for s in sources for role, path in s.files.items()},
     }
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return fingerprint, source
+
+
+def _folder(cfg: dict[str, Any], output_dir: str | os.PathLike, fingerprint: str) -> Path:
+    return Path(output_dir) / "data" / f"{cfg['name']}-{fingerprint[:10]}"
+
+
+def _prepared_folders(cfg: dict[str, Any], output_dir: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]]:
+    """(folder, its manifest) of every prepared folder of this data config's name under <output_dir>/data."""
+    found = []
+    for path in sorted((Path(output_dir) / "data").glob(f"{glob.escape(cfg['name'])}-*/{MANIFEST_NAME}")):
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if path.parent == _folder(cfg, output_dir, str(manifest.get("fingerprint"))):
+            found.append((path.parent, manifest))
+    return found
+
+
+def _locate(cfg: dict[str, Any], output_dir: str | os.PathLike, reuse: bool = True) -> tuple[Path, str, dict, dict]:
+    """(folder, fingerprint, source, lookup) by hashing the corpus; a complete folder whose manifest records
+    another lookup (the files were copied, touched or moved, but their bytes are the same) gets this one, so that
+    readers find it without hashing again. That is best effort: a read-only folder keeps its manifest."""
+    sources = _sources(cfg)
+    lookup = _lookup(cfg, sources)  # before hashing: a file written meanwhile no longer matches it
+    fingerprint, source = _fingerprint(cfg, sources, reuse)
+    dataset_dir = _folder(cfg, output_dir, fingerprint)
+    if is_complete(dataset_dir) and read_manifest(dataset_dir).get(LOOKUP) != lookup:
+        try:
+            with FileLock(str(dataset_dir / ".prepare.lock"), timeout=60):  # one writer, the DDP ranks of any node
+                manifest = read_manifest(dataset_dir)
+                if manifest.get(LOOKUP) != lookup:
+                    write_json_atomic(dataset_dir / MANIFEST_NAME, {**manifest, LOOKUP: lookup})
+        except OSError as err:  # a read-only folder, or the lock held too long (filelock.Timeout)
+            log.warning("could not record the corpus files' stat in %s (%s)", dataset_dir / MANIFEST_NAME, err)
+    return dataset_dir, fingerprint, source, lookup
 
 
 def dataset_dir_for(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) -> Path:
-    """The folder that prepare_dataset fills for this config; the same on every rank and every run."""
-    fingerprint, _ = dataset_fingerprint(data_cfg)
-    return Path(output_dir) / "data" / f"{resolve_data_config(data_cfg)['name']}-{fingerprint[:10]}"
+    """The folder that prepare_dataset fills for this config; the same on every rank and every run.
+
+    It hashes the corpus files (once per process while they are unchanged): readers use find_dataset_dir.
+    """
+    return _locate(resolve_data_config(data_cfg), output_dir)[0]
+
+
+def find_dataset_dir(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) -> Path:
+    """dataset_dir_for without reading the corpus when it was prepared: the complete folder whose manifest records
+    this config and the corpus files as `stat` sees them now. Only when no folder does, or more than one (a file
+    changed in a way stat missed, then prepared again), are the files hashed, as dataset_dir_for does."""
+    cfg = resolve_data_config(data_cfg)
+    lookup = _lookup(cfg, _sources(cfg))
+    found = [folder for folder, manifest in _prepared_folders(cfg, output_dir) if manifest.get(LOOKUP) == lookup]
+    if len(found) == 1 and is_complete(found[0]):
+        return found[0]
+    log.info("the corpus files of %s are not those of a prepared folder by stat: hashing them", cfg["name"])
+    return _locate(cfg, output_dir)[0]
+
+
+def check_corpus(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) -> Path:
+    """`aiayn data check`: hash every corpus file again (no stat, no earlier hash) and return the prepared folder
+    made from exactly these bytes. Raises CorpusChangedError naming the files whose bytes differ from those of the
+    folder prepared before for this config, or DatasetNotPreparedError if there is none."""
+    cfg = resolve_data_config(data_cfg)
+    dataset_dir, _, source, lookup = _locate(cfg, output_dir, reuse=False)
+    if is_complete(dataset_dir):
+        return dataset_dir
+    same_config = [
+        (folder, manifest)
+        for folder, manifest in _prepared_folders(cfg, output_dir)
+        if (manifest.get(LOOKUP) or {}).get("config_key") == lookup["config_key"] and is_complete(folder)
+    ]
+    if not same_config:
+        raise DatasetNotPreparedError(
+            f"{cfg['name']} is not prepared from these corpus files ({dataset_dir}); run `aiayn prepare` with the "
+            "same overrides"
+        )
+    # the one readers would use (its recorded stat is today's), else the newest
+    same_config.sort(key=lambda fm: (fm[1][LOOKUP] == lookup, (fm[0] / MANIFEST_NAME).stat().st_mtime_ns))
+    folder, manifest = same_config[-1]
+    before = manifest["source"]["files"]
+    changed = [
+        f"{entry['path']} (sha256 {before[key]['sha256'][:12]}... then, {entry['sha256'][:12]}... now)"
+        for key, entry in source.items()
+        if "sha256" in entry and before.get(key, {}).get("sha256") != entry["sha256"]
+    ]
+    raise CorpusChangedError(
+        f"the corpus changed since {folder} was prepared: {'; '.join(changed) or 'its inputs differ'}; run "
+        "`aiayn prepare` with the same overrides to prepare it again (into a new folder)"
+    )
 
 
 def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) -> Path:
     """Train the joint BPE model and encode every split into shards, unless already done. Returns the folder."""
     cfg = resolve_data_config(data_cfg)
     output_dir = Path(output_dir)
-    fingerprint, source = dataset_fingerprint(cfg)
-    dataset_dir = output_dir / "data" / f"{cfg['name']}-{fingerprint[:10]}"
+    dataset_dir, fingerprint, source, lookup = _locate(cfg, output_dir)
     if is_complete(dataset_dir):
         log.info("already prepared: %s", dataset_dir)
         return dataset_dir
@@ -135,11 +278,11 @@ def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) 
         if model_path.is_file():  # renamed into place only when whole: an interrupted run got this far
             log.info("resuming: reusing the BPE model %s", model_path)
         else:
-            model_path = _train_bpe(corpora["train"], dataset_dir, cfg, clean)
+            model_path = train_bpe(corpora["train"], dataset_dir, cfg, clean)
         tokenizer = Tokenizer(model_path)
         with ShardPool(resolve_workers(cfg.get("num_prepare_workers"))) as pool:
             splits = {
-                split: _encode_split(corpus, split, tokenizer, dataset_dir, cfg, clean, pool)
+                split: encode_split(corpus, split, tokenizer, dataset_dir, cfg, clean, pool)
                 for split, corpus in corpora.items()
             }
         shutil.rmtree(dataset_dir / PENDING, ignore_errors=True)
@@ -162,13 +305,14 @@ def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) 
             "token_dtype": tokenizer.id_dtype.name,
             "config": {**cfg, "clean": clean},
             "splits": splits,
+            LOOKUP: lookup,
         }
         write_json_atomic(dataset_dir / MANIFEST_NAME, manifest)  # last: the folder is now complete
     log.info("prepared %s", dataset_dir)
     return dataset_dir
 
 
-def _train_bpe(train: ParallelCorpus, dataset_dir: Path, cfg: dict[str, Any], clean: dict[str, Any]) -> Path:
+def train_bpe(train: ParallelCorpus, dataset_dir: Path, cfg: dict[str, Any], clean: dict[str, Any]) -> Path:
     """One BPE model over the source AND target side of the cleaned training split (shared vocabulary, section 5.1).
 
     It sees a uniform random sample of spm_sample_lines / 2 pairs (both sides: spm_sample_lines lines), drawn
@@ -193,15 +337,16 @@ def _train_bpe(train: ParallelCorpus, dataset_dir: Path, cfg: dict[str, Any], cl
         cfg["vocab_size"],
         cfg["spm_sample_lines"],
     )
-    # Train under a temporary prefix, then rename: spm.model exists only once it is whole.
+    # Train under a temporary prefix, then rename: spm.model exists only once it is whole. (sentencepiece writes
+    # the files itself, and stores the prefix in the model, so the prefix keeps its own name.)
     tmp_prefix = dataset_dir / f".spm.tmp-{os.getpid()}"
     tmp_model = train_sentencepiece(both_sides(), tmp_prefix, cfg["vocab_size"], cfg["spm_sample_lines"], seed=SPM_SEED)
-    os.replace(tmp_prefix.with_name(tmp_prefix.name + ".vocab"), dataset_dir / "spm.vocab")
-    os.replace(tmp_model, dataset_dir / "spm.model")
+    move_into_place(tmp_prefix.with_name(tmp_prefix.name + ".vocab"), dataset_dir / "spm.vocab")
+    move_into_place(tmp_model, dataset_dir / "spm.model")
     return dataset_dir / "spm.model"
 
 
-def _encode_split(
+def encode_split(
     corpus: ParallelCorpus,
     split: str,
     tokenizer: Tokenizer,

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data.atomic import atomic_write, move_into_place, temp_path, write_json_atomic
 from data.errors import DataError
-from data.manifest import file_sha256, read_manifest, write_json_atomic
+from data.manifest import file_sha256, read_manifest
 
 SIDES = ("src", "tgt")
 
@@ -40,11 +41,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> str:
-    """np.save to a temporary name, then rename: a crash never leaves a half-written shard. Returns sha256."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    """np.save to a temporary name, then rename (data/atomic.py): a crash never leaves a half-written shard.
+    Returns the file's sha256."""
+    atomic_write(path, lambda f: np.save(f, array))
     return file_sha256(path)
 
 
@@ -67,7 +66,7 @@ class ShardWriter:
     def __init__(self, dataset_dir: Path, split: str, index: int, dtype: np.dtype):
         self.dataset_dir, self.split, self.name, self.dtype = Path(dataset_dir), split, shard_name(index), dtype
         (self.dataset_dir / split).mkdir(parents=True, exist_ok=True)
-        self._tmp = {kind: self._path(kind).with_name(f".{self.name}.{kind}.npy.tmp-{os.getpid()}") for kind in SIDES}
+        self._tmp = {kind: temp_path(self._path(kind)) for kind in SIDES}
         self._files = {kind: open(path, "wb") for kind, path in self._tmp.items()}  # noqa: SIM115 (closed in finish)
         for f in self._files.values():
             f.seek(self.HEADER)
@@ -104,7 +103,7 @@ class ShardWriter:
             if f.tell() != self.HEADER:
                 raise RuntimeError(f"{self._tmp[kind]}: .npy header of {f.tell()} bytes, expected {self.HEADER}")
             f.close()
-            os.replace(self._tmp[kind], self._path(kind))
+            move_into_place(self._tmp[kind], self._path(kind))
             files[kind] = {"file": self._file(kind), "sha256": file_sha256(self._path(kind))}
         offsets = np.zeros((len(lengths["src"]) + 1, 2), dtype=np.int64)  # (N + 1, 2)
         offsets[1:, 0] = np.cumsum(lengths["src"])

@@ -12,12 +12,11 @@ import sacrebleu
 import torch
 from torchmetrics import MeanMetric
 
-from modules.beam import beam_search
 from modules.config import TransformerConfig
+from modules.decoding import Decoding, translate_ids
 from modules.kernels import select_kernels
 from modules.loss import LabelSmoothedCrossEntropy
 from modules.schedule import inverse_sqrt_scheduler
-from modules.search import greedy_search
 from modules.transformer import Transformer
 
 
@@ -39,7 +38,7 @@ class TranslationModule(L.LightningModule):
     Batches are dicts from data.collate_pairs: src, tgt_in, tgt_out (each (batch, len)) and token counts.
     """
 
-    TRANSLATE_BATCH = 64  # sentences decoded at once during validation
+    TRANSLATE_TOKENS = 4096  # padded source tokens decoded at once during validation
 
     def __init__(
         self,
@@ -64,8 +63,10 @@ class TranslationModule(L.LightningModule):
         self.criterion = LabelSmoothedCrossEntropy(self.optim_cfg["label_smoothing"], self.model_cfg.pad_id)
         self.n_samples = n_samples
         self.bleu_sentences = bleu_sentences
-        if val_beam < 1:
-            raise ValueError(f"run.val_beam={val_beam}: the beam size must be at least 1 (1 is greedy search)")
+        try:
+            Decoding(beam=val_beam, alpha=val_alpha)
+        except ValueError as error:
+            raise ValueError(f"run.val_{error}") from None
         self.val_beam, self.val_alpha = val_beam, val_alpha
         self.val_loss = MeanMetric()  # weighted by target tokens
         self.val_nll = MeanMetric()
@@ -86,7 +87,9 @@ class TranslationModule(L.LightningModule):
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         return self.model(src, tgt_in)
 
-    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch's label-smoothed loss and negative log-likelihood, each summed over its real target tokens, and
+        that token count (training and validation both start here)."""
         hidden = self.features(batch["src"], batch["tgt_in"])  # (batch, tgt_len, d_model)
         loss_sum, nll_sum = self.model.kernels.projected_loss(
             self.criterion, hidden, self.model.output_weight, batch["tgt_out"]
@@ -95,7 +98,7 @@ class TranslationModule(L.LightningModule):
         return loss_sum, nll_sum, n_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, nll_sum, n_tokens = self._losses(batch)
+        loss_sum, nll_sum, n_tokens = self.batch_losses(batch)
         # Logged as tensors: Lightning reads them back only every `log_every_n_steps`, so the step itself never
         # waits for the host.
         self.log("train/loss", loss_sum.detach() / n_tokens, prog_bar=True)
@@ -141,7 +144,7 @@ class TranslationModule(L.LightningModule):
             self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, nll_sum, n_tokens = self._losses(batch)
+        loss_sum, nll_sum, n_tokens = self.batch_losses(batch)
         self.val_loss.update(loss_sum / n_tokens, n_tokens)
         self.val_nll.update(nll_sum / n_tokens, n_tokens)
 
@@ -178,11 +181,8 @@ class TranslationModule(L.LightningModule):
         if n <= 0 or datamodule is None or not hasattr(datamodule, "valid_examples"):
             return []
         pairs = datamodule.valid_examples(n)
-        hyps: list[str] = []
         with self.full_parameters():  # once for all the batches; every rank decodes the same sentences
-            for start in range(0, len(pairs), self.TRANSLATE_BATCH):
-                chunk = pairs[start : start + self.TRANSLATE_BATCH]
-                hyps += self.translate([src for src, _ in chunk], datamodule.tokenizer)
+            hyps = self.translate([src for src, _ in pairs], datamodule.tokenizer)
         return [(src, ref, hyp) for (src, ref), hyp in zip(pairs, hyps, strict=True)]
 
     def full_parameters(self) -> contextlib.AbstractContextManager:
@@ -197,24 +197,20 @@ class TranslationModule(L.LightningModule):
     def translate(
         self, sentences: list[str], tokenizer: Any, beam: int | None = None, alpha: float | None = None
     ) -> list[str]:
-        """Translate raw sentences with a data.Tokenizer (source gets <eos> appended, as in training): greedy search
-        for beam 1, else beam search with length penalty alpha (defaults: val_beam, val_alpha)."""
-        beam = self.val_beam if beam is None else beam
-        alpha = self.val_alpha if alpha is None else alpha
-        ids = [s + [tokenizer.eos_id] for s in tokenizer.encode(sentences)]
-        src = torch.full((len(ids), max(map(len, ids))), tokenizer.pad_id, dtype=torch.long)
-        for row, seq in enumerate(ids):
-            src[row, : len(seq)] = torch.tensor(seq)
+        """Translate raw sentences with a data.Tokenizer through modules/decoding.py, as `aiayn evaluate` does: greedy
+        search for beam 1, else beam search with length penalty alpha (defaults: val_beam, val_alpha)."""
+        decoding = Decoding(
+            beam=self.val_beam if beam is None else beam, alpha=self.val_alpha if alpha is None else alpha
+        )
         was_training = self.model.training
         self.model.eval()
-        src = src.to(self.device)
-        if beam == 1:
-            hyps = greedy_search(self.model, src, tokenizer.bos_id, tokenizer.eos_id)
-        else:
-            best = beam_search(self.model, src, tokenizer.bos_id, tokenizer.eos_id, beam_size=beam, alpha=alpha)
-            hyps = [hypotheses[0].tokens for hypotheses in best]
+        search = decoding.search(tokenizer.bos_id, tokenizer.eos_id)
+        ids = tokenizer.encode(sentences)
+        best = translate_ids(
+            self.model, ids, search, tokenizer.pad_id, tokenizer.eos_id, self.TRANSLATE_TOKENS, self.device
+        )
         self.model.train(was_training)
-        return tokenizer.decode(hyps)
+        return tokenizer.decode([hypotheses[0].tokens for hypotheses in best])
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg

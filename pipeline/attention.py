@@ -42,6 +42,8 @@ from data.tokenizer import Tokenizer
 from modules.attention_maps import KINDS, AttentionMaps, pair_attention
 from modules.search import greedy_search
 from modules.transformer import Transformer
+from pipeline.inference import load_for_inference
+from pipeline.runs import require_run_dir, resolve_checkpoint
 
 TITLES = {
     "encoder_self": "encoder self-attention",
@@ -182,9 +184,6 @@ def write_attention(att: SentenceAttention, out_dir: Path) -> list[Path]:
 
 
 def main(cfg: DictConfig, sentence: str, target: str | None = None) -> list[Path]:
-    from pipeline.average import require_run_dir
-    from pipeline.evaluate import load_for_inference, resolve_checkpoint
-
     run_dir = require_run_dir(cfg, "attention")
     checkpoint_path = resolve_checkpoint(cfg, run_dir)
     model, checkpoint, datamodule = load_for_inference(cfg, checkpoint_path, "attention")

@@ -18,21 +18,7 @@ from omegaconf import DictConfig
 
 from pipeline.checkpoints import CheckpointRef, load_checkpoint, run_checkpoints, save_atomic
 from pipeline.errors import RunFolderError
-
-AVERAGED_NAME = "averaged.ckpt"
-
-
-def require_run_dir(cfg: DictConfig, command: str) -> Path:
-    """run.dir as an existing folder, or an error naming the key."""
-    if not cfg.run.get("dir"):
-        raise RunFolderError(
-            f"run.dir is not set: `aiayn {command}` works on a training run's folder; "
-            f"pass run.dir=<output_dir>/runs/<run> (the folder `aiayn train` printed)"
-        )
-    path = Path(cfg.run.dir).expanduser().resolve()
-    if not path.is_dir():
-        raise RunFolderError(f"run.dir={cfg.run.dir}: no such folder ({path})")
-    return path
+from pipeline.runs import AVERAGED_NAME, require_run_dir
 
 
 def average_state_dicts(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from pipeline import preemption
-from pipeline.plan import ACCELERATORS, GB, model_flops_utilization, training_flops_per_target_token
+from pipeline.costs import (
+    ACCELERATORS,
+    GB,
+    accelerator_for_device_name,
+    model_flops_utilization,
+    training_flops_per_target_token,
+)
 
 
 def _logging_step(trainer: L.Trainer) -> bool:
@@ -26,11 +32,9 @@ def _logging_step(trainer: L.Trainer) -> bool:
 
 
 def accelerator_key(trainer: L.Trainer, configured: str | None) -> str | None:
-    """The key of pipeline/plan.py's ACCELERATORS this run trains on: `cpu`, the GPU the CUDA device's name names
-    (pipeline/plan.py's accelerator_for_device_name: an "NVIDIA H100 80GB HBM3" is h100), else `configured`
+    """The key of pipeline/costs.py's ACCELERATORS this run trains on: `cpu`, the GPU the CUDA device's name names
+    (pipeline/costs.py's accelerator_for_device_name: an "NVIDIA H100 80GB HBM3" is h100), else `configured`
     (cluster.gpu) if that is a GPU's key; None if unknown (then no `train/mfu`)."""
-    from pipeline.plan import accelerator_for_device_name
-
     device = trainer.strategy.root_device
     if device.type == "cpu":
         return "cpu"
@@ -52,8 +56,8 @@ class TokenThroughput(L.Callback):
     throughput is about world size times more.
 
     MFU = training FLOPs per target token x target tokens/s / peak FLOP/s of one device (useful FLOPs / peak,
-    Chowdhery et al. 2022, PaLM, appendix B), with FLOPs per token from pipeline/plan.py's formula at the mean
-    source and target lengths (tokens per sentence) of the interval's batches, and the peak of pipeline/plan.py's
+    Chowdhery et al. 2022, PaLM, appendix B), with FLOPs per token from pipeline/costs.py's formula at the mean
+    source and target lengths (tokens per sentence) of the interval's batches, and the peak of pipeline/costs.py's
     ACCELERATORS table for this device (its bf16 or fp16 peak, so a 32-true run reads low).
     """
 

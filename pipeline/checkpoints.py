@@ -9,6 +9,7 @@ returns one shape for both: a Lightning checkpoint dict whose "state_dict" holds
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from data.atomic import atomic_write
 from pipeline.errors import RunFolderError
 
 # DeepSpeed's own file names (deepspeed/runtime/engine.py): rank 0's model states under ZeRO 0-2, then ZeRO-3.
@@ -167,26 +169,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to `<dir>/.<name>.<pid>.tmp`, flushed to disk, then renamed to `<dir>/<name>`.
+    """torch.save to `<dir>/.<name>.tmp-<pid>`, flushed to disk, then renamed to `<dir>/<name>` (data/atomic.py).
 
     A rename within one directory replaces the file at once (POSIX): whenever the process is killed, `path` is the
     previous complete file or the new complete one, never half of one. Temp files left by a killed writer go.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while saving
+    name = glob.escape(path.name)
+    # left by a process killed while saving (`.<name>.<pid>.tmp`: by versions before data/atomic.py)
+    for stale in [*path.parent.glob(f".{name}.tmp-*"), *path.parent.glob(f".{name}.*.tmp")]:
         stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    atomic_write(path, lambda f: torch.save(obj, f))

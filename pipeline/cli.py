@@ -3,6 +3,7 @@
     aiayn train   [overrides...]      train the configured experiment
     aiayn prepare [overrides...]      clean, BPE-encode and shard the configured data (data=multi30k, data=tiny, ...)
     aiayn data stats [overrides...]   pairs, tokens, length percentiles, unk rate and cleaning counts of that data
+    aiayn data check [overrides...]   hash the corpus files again: are they the bytes the prepared data was made from?
     aiayn params  [overrides...]      print the model's parameter count as JSON
     aiayn plan    [overrides...]      FLOPs, batch layout, memory per GPU (ZeRO 0-3) and time of the configured run
     aiayn average  run.dir=<run> [overrides...]   mean of the newest average.last_n checkpoints -> <run>/averaged.ckpt
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from pathlib import Path
 
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -52,16 +52,14 @@ def _train(cfg) -> dict:
 
 
 def _submit(cfg, overrides: list[str], dry_run: bool) -> None:
-    import time
-
     from pipeline.cluster import scheduler
+    from pipeline.runs import new_run_dir
     from pipeline.slurm import make_job, sbatch_script, submit
 
     if scheduler(cfg) != "slurm":
         sys.exit("aiayn submit: no scheduler in this config (cluster.scheduler is null): add cluster=slurm")
     # The run folder is fixed now, so that every (requeued) attempt of the job writes to the same one.
-    run_dir = cfg.run.dir or output_dir(cfg) / "runs" / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    job = make_job(cfg, "train", overrides, Path(run_dir).expanduser().resolve())
+    job = make_job(cfg, "train", overrides, new_run_dir(cfg))
     if dry_run:
         print(sbatch_script(job))
         return
@@ -78,22 +76,17 @@ def _run(cfg, overrides: list[str], dry_run: bool) -> None:
 
 
 def _prepare(cfg) -> None:
-    from data.manifest import is_complete
-    from data.prepare import dataset_dir_for, prepare_dataset
+    from pipeline.prepare import main
 
-    dataset_dir = dataset_dir_for(cfg.data, output_dir(cfg))
-    if is_complete(dataset_dir):
-        print(f"already prepared: {dataset_dir}")
-        return
-    print(prepare_dataset(cfg.data, output_dir(cfg)))
+    main(cfg)
 
 
 def _data_stats(cfg) -> None:
     from data.manifest import is_complete
-    from data.prepare import dataset_dir_for
+    from data.prepare import find_dataset_dir
     from data.stats import dataset_stats, format_stats
 
-    dataset_dir = dataset_dir_for(cfg.data, output_dir(cfg))
+    dataset_dir = find_dataset_dir(cfg.data, output_dir(cfg))
     if not is_complete(dataset_dir):
         from data.errors import DatasetNotPreparedError
 
@@ -101,6 +94,12 @@ def _data_stats(cfg) -> None:
             f"{cfg.data.name} is not prepared yet ({dataset_dir}); run `aiayn prepare` with the same overrides first"
         )
     print(format_stats(dataset_stats(dataset_dir)))
+
+
+def _data_check(cfg) -> None:
+    from data.prepare import check_corpus
+
+    print(f"unchanged: the corpus files are those {check_corpus(cfg.data, output_dir(cfg))} was prepared from")
 
 
 def _params(cfg) -> None:
@@ -150,6 +149,7 @@ COMMANDS = {
     "train": (_train, "train the configured experiment"),
     "prepare": (_prepare, "clean, BPE-encode and shard the configured data; prints the dataset folder"),
     "data stats": (_data_stats, "pairs, tokens, length percentiles, unk rate and cleaning counts of the prepared data"),
+    "data check": (_data_check, "hash the corpus files again and compare them with the prepared data's manifest"),
     "params": (_params, "print trainable parameter counts as one JSON line"),
     "plan": (_plan, "FLOPs per token, batch layout, memory per GPU for ZeRO 0-3, step and wall time, GPU-hours"),
     "average": (_average, "average the newest average.last_n checkpoints of run.dir into <run.dir>/averaged.ckpt"),

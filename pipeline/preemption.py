@@ -20,7 +20,7 @@ Why a flag, and not Lightning's or submitit's own handler (only one of them may 
 Here the handler does nothing but set a flag; the checkpoint is written between two optimizer steps, where every
 rank is at the same point and collectives are safe, which is where Lightning's own fix (#21407) moves it too.
 This module imports only the standard library, so a job installs the handler before torch is even imported
-(`install()` in pipeline/stages.py): a signal that arrives during start-up is then not fatal either.
+(`install()` in pipeline/jobs.py): a signal that arrives during start-up is then not fatal either.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """What makes a checkpoint resume *exactly*: an interrupted run, resumed, ends with the weights of an uninterrupted one.
 
 Lightning's checkpoint already holds the model, optimizer, LR scheduler, loop counters (global step, batch position)
-and the datamodule's sampler position (data/datamodule.py). Three pieces are added here:
+and the training loader's position (data/datamodule.py: `TrainLoader`, which Lightning saves and restores because it
+has state_dict/load_state_dict). Three pieces are added here:
 
 - `RNGState`: every rank's random number generators (dropout draws from them, section 5.4), which Lightning does
-  not save, and which it would not restore at the right moment anyway (see the class).
+  not save, and which it would not restore at the right moment anyway (see the class). It is a callback with
+  state_dict/load_state_dict, so Lightning keeps its state in the checkpoint's "callbacks".
 - `UpdateCheckpoint`: ModelCheckpoint that never saves between the micro-batches of one optimizer update, where the
-  accumulated gradients (not in any checkpoint) would be lost on resume.
+  accumulated gradients (not in any checkpoint) would be lost on resume, and that saves the end of the fit.
 - `AtomicCheckpointIO`: a checkpoint file is written beside its final name and renamed over it, so a process killed
   while saving leaves the previous `last.ckpt` intact instead of a truncated one.
 """
@@ -17,10 +19,10 @@ import random
 from pathlib import Path
 from typing import Any
 
+import fsspec.utils
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -135,31 +137,65 @@ class UpdateCheckpoint(ModelCheckpoint):
 
     A save between the micro-batches of one update (gradient accumulation: train.tokens_per_update) would miss the
     gradients accumulated so far, which no checkpoint holds, and the resumed update would be computed from fewer
-    micro-batches. Step-triggered saves already fall after updates; a time-triggered one waits for the next.
+    micro-batches. A training batch ended an update when it moved trainer.global_step (the optimizer steps taken);
+    ModelCheckpoint's triggers are consulted after those batches only. Step-triggered saves already fall after
+    updates; a time-triggered one waits for the next.
 
-    The end of the fit is saved too, when its last update is not: a run stopped by trainer.max_time, or by
-    max_steps between two saves, would otherwise lose the updates since the last save (Lightning's ModelCheckpoint
-    saves on steps, time or epochs, never at the end).
+    The end of the fit is saved too, when no checkpoint holds its last update: a run stopped by trainer.max_time, or
+    by max_steps between two saves, would otherwise lose the updates since the last save (Lightning's
+    ModelCheckpoint saves on steps, time or epochs, never at the end, except last.ckpt when it saved nothing else).
+    A fit that stopped inside an update (trainer.max_time can) is not saved at its end, not even that
+    last.ckpt: its accumulated gradients would be lost, and the resumed run would skip the micro-batches they came
+    from.
     """
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step > self._last_global_step_saved and not trainer.fit_loop.epoch_loop._should_accumulate():
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
-        super().on_train_end(trainer, pl_module)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._step = 0  # trainer.global_step after the previous training batch
+        self._update_ended = True  # whether the last training batch ended an optimizer update
+        self._saved_step = 0  # trainer.global_step when the newest checkpoint was written (by anyone)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # Nothing to save yet: step 0 is untrained, and a resumed fit starts from a checkpoint of its step.
+        self._step = self._saved_step = trainer.global_step
+        self._update_ended = True
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
-        # The rule Lightning's own loop uses to decide whether this micro-batch ends with an optimizer step.
-        if trainer.fit_loop.epoch_loop._should_accumulate():
+        self._update_ended = trainer.global_step != self._step
+        self._step = trainer.global_step
+        if self._update_ended:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, idx)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Called on every rank for every resumable checkpoint (weights-only ones skip callbacks), whoever saves it.
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        self._saved_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._update_ended:
             return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, idx)
+        if trainer.global_step != self._saved_step:
+            _save_topk_and_last(self, trainer)
+        super().on_train_end(trainer, pl_module)
+
+
+def _save_topk_and_last(checkpoint: ModelCheckpoint, trainer: L.Trainer) -> None:
+    """Save now, as `checkpoint`'s own step trigger does: a top-k file (deleting the one that falls out) and last.
+
+    Lightning's private API, kept on purpose and only here: ModelCheckpoint has no public method that saves on
+    demand, and a file written with the public trainer.save_checkpoint would be left out of its top-k bookkeeping
+    (never deleted, unknown to a resumed run).
+    """
+    candidates = checkpoint._monitor_candidates(trainer)
+    checkpoint._save_topk_checkpoint(trainer, candidates)
+    checkpoint._save_last_checkpoint(trainer, candidates)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes `<dir>/.<name>.<pid>.tmp`, flushes it to disk, then renames it to `<dir>/<name>`.
+    """Writes checkpoints through data/atomic.py: a temporary file beside the target, flushed to disk, then renamed.
 
     A rename within one directory replaces the file at once (POSIX), so whenever the process is killed, `last.ckpt`
     is either the previous complete checkpoint or the new complete one. Lightning's default writes the whole
@@ -169,7 +205,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or fsspec.utils.get_protocol(str(path)) != "file":
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         save_atomic(checkpoint, Path(path))

@@ -2,7 +2,7 @@
 
 `aiayn submit cluster=slurm ...` submits one training job; `aiayn run cluster=slurm ...` (pipeline/stages.py) one job
 per stage, chained with `--dependency=afterok:<job>`. A job runs `python -u -m submitit.core._submit <folder>` under
-`srun`, once per task; that unpickles `pipeline.stages.run_command(<command>, <overrides>)` and calls it, which is
+`srun`, once per task; that unpickles `pipeline.jobs.run_stage(<command>, <overrides>)` and calls it, which is
 `aiayn <command> <overrides>` in-process. For training that means one task per GPU
 (`--ntasks-per-node=cluster.gpus_per_node`, `--nodes=cluster.nodes`), and Lightning's `SLURMEnvironment` takes each
 task's rank from SLURM_PROCID/SLURM_LOCALID (pipeline/train.py).
@@ -31,7 +31,9 @@ from omegaconf import DictConfig
 
 from pipeline.cluster import time_minutes
 from pipeline.config import PROJECT_ROOT
+from pipeline.jobs import run_stage
 from pipeline.preemption import REQUEUE_SIGNAL
+from pipeline.runs import job_resume
 
 _RUN_KEYS = re.compile(r"^[+~]*run\.(dir|resume)=")
 
@@ -71,8 +73,7 @@ LAUNCHER_VARIABLES += ("GROUP_RANK", "NODE_RANK", "TORCHELASTIC_RUN_ID")
 
 def make_job(cfg: DictConfig, command: str, overrides: list[str], run_dir: Path, dependency: str | None = None) -> Job:
     """The job that runs `aiayn <command> <overrides>` for run folder `run_dir` (logs in <run_dir>/slurm/<job id>)."""
-    resume = (cfg.run.resume or "auto") if command == "train" else None
-    job = Job(command, job_overrides(overrides, run_dir, resume), run_dir / "slurm" / "%j")
+    job = Job(command, job_overrides(overrides, run_dir, job_resume(cfg, command)), run_dir / "slurm" / "%j")
     job.parameters = job_parameters(cfg, command, dependency)
     job.parameters["setup"].insert(0, f"# runs: {job.aiayn_command}")  # the overrides travel in the pickle
     return job
@@ -129,8 +130,6 @@ def submit(job: Job) -> Any:
     """Submit `job` with submitit; returns the submitit Job (job.job_id, job.paths.stdout, ...)."""
     import submitit
 
-    from pipeline.stages import run_command
-
     executor = submitit.SlurmExecutor(folder=job.folder)
     executor.update_parameters(**job.parameters)
-    return executor.submit(run_command, job.command, job.overrides)
+    return executor.submit(run_stage, job.command, job.overrides)

@@ -10,67 +10,30 @@ prepare when the dataset folder's manifest is complete, train when summary.json 
 when averaged.ckpt exists, evaluate when eval-<evaluate.split>.json exists; a stage after one that runs is never
 skipped (its inputs change). "The same config" is the run folder: unless run.dir
 is given, it is <output_dir>/runs/<run.name>-<fingerprint>, the fingerprint being a hash of everything that shapes
-the trained model (`TRAINING_KEYS`), so that a changed setting gets a new folder and an unchanged one finds its
+the trained model (pipeline/runs.py), so that a changed setting gets a new folder and an unchanged one finds its
 finished stages.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import preemption
-
-# The config sections whose values shape the trained model: the run folder's fingerprint covers exactly these
-# (not run.*, paths.output_dir, logger.*, cluster.* scheduling knobs, plan.*).
-TRAINING_KEYS = ("seed", "model", "data", "optim", "train", "trainer", "strategy", "checkpoint")
-
-
-def run_command(command: str, overrides: list[str]) -> dict:
-    """A SLURM job's entry point (one call per task): `aiayn <command> <overrides>`, in-process.
-
-    Returns what the command returns (training: its summary) with this task's rank, for submitit's result files.
-    Imports stay inside, and the requeue signal is routed to its flag first (pipeline/preemption.py), so that a
-    signal arriving while torch is still being imported is not fatal.
-    """
-    preemption.install()
-    from pipeline.cli import COMMANDS
-    from pipeline.config import load_config
-
-    result = COMMANDS[command][0](load_config(overrides))
-    return {"global_rank": int(os.environ.get("SLURM_PROCID", 0)), **(result if isinstance(result, dict) else {})}
-
-
-def fingerprint(cfg) -> str:
-    """sha256 (first 10 hex digits) of the resolved TRAINING_KEYS sections."""
-    from omegaconf import OmegaConf
-
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    picked = {k: resolved.get(k) for k in TRAINING_KEYS}
-    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def graph_run_dir(cfg) -> Path:
-    """run.dir if set, else <output_dir>/runs/<run.name>-<fingerprint>: the same folder for the same config."""
-    from pipeline.config import output_dir
-
-    if cfg.run.dir:
-        return Path(cfg.run.dir).expanduser().resolve()
-    return output_dir(cfg) / "runs" / f"{cfg.run.name}-{fingerprint(cfg)}"
+from data.manifest import is_complete
+from data.prepare import find_dataset_dir
+from pipeline.cluster import scheduler
+from pipeline.config import output_dir
+from pipeline.runs import AVERAGED_NAME, graph_run_dir, job_resume
+from pipeline.slurm import job_overrides, make_job, submit
 
 
 def _prepared(cfg, run_dir: Path) -> bool:
-    from data.manifest import is_complete
-    from data.prepare import dataset_dir_for
-    from pipeline.config import output_dir
-
-    return is_complete(dataset_dir_for(cfg.data, output_dir(cfg)))
+    """The dataset folder's manifest is complete; found from its record of the corpus files, without reading them."""
+    return is_complete(find_dataset_dir(cfg.data, output_dir(cfg)))
 
 
 def _trained(cfg, run_dir: Path) -> bool:
@@ -85,7 +48,7 @@ def _trained(cfg, run_dir: Path) -> bool:
 
 
 def _averaged(cfg, run_dir: Path) -> bool:
-    return (run_dir / "averaged.ckpt").is_file()
+    return (run_dir / AVERAGED_NAME).is_file()
 
 
 def _evaluated(cfg, run_dir: Path) -> bool:
@@ -112,8 +75,6 @@ STAGES = (
 def run_graph(cfg, overrides: list[str], stages: tuple[Stage, ...] = STAGES) -> list[tuple[str, str, object]]:
     """Run or submit every stage with work left, in order. Returns [(stage, status, submitit job or None)], status
     being "skipped", "ran" (local) or "submitted" (slurm); also printed."""
-    from pipeline.cluster import scheduler
-
     run_dir = graph_run_dir(cfg)
     print(f"run folder: {run_dir}")
     report: list[tuple[str, str, object]] = []
@@ -126,8 +87,6 @@ def run_graph(cfg, overrides: list[str], stages: tuple[Stage, ...] = STAGES) -> 
             continue
         upstream_ran = True
         if scheduler(cfg) == "slurm":
-            from pipeline.slurm import make_job, submit
-
             dependency = f"afterok:{previous_job.job_id}" if previous_job is not None else None
             previous_job = submit(make_job(cfg, stage.name, overrides, run_dir, dependency))
             report.append((stage.name, "submitted", previous_job))
@@ -138,10 +97,7 @@ def run_graph(cfg, overrides: list[str], stages: tuple[Stage, ...] = STAGES) -> 
                 flush=True,
             )
         else:
-            from pipeline.slurm import job_overrides
-
-            resume = (cfg.run.resume or "auto") if stage.name == "train" else None  # an interrupted run continues
-            args = job_overrides(overrides, run_dir, resume)
+            args = job_overrides(overrides, run_dir, job_resume(cfg, stage.name))  # an interrupted run continues
             print(f"{stage.name:>8}: running aiayn {stage.name} {' '.join(args)}", flush=True)
             subprocess.run([sys.executable, "-m", "pipeline", stage.name, *args], check=True)
             report.append((stage.name, "ran", None))

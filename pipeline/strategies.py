@@ -26,8 +26,8 @@ def _import_muon_uncompiled() -> None:
     """Import DeepSpeed's Muon optimizer with its torch.compile decorators turned into no-ops.
 
     DeepSpeed imports it on every ZeRO or bf16 engine start (to check ``isinstance(optimizer, MuonWithAuxAdam)``),
-    and its module applies ``torch.compile`` at import, which loads all of torch._dynamo and torch._inductor: about
-    3 minutes per process on a loaded 2-core CPU machine, for an optimizer aiayn does not use (Adam, section 5.3).
+    and its module applies ``torch.compile`` at import, which loads all of torch._dynamo and torch._inductor into
+    every process: a start-up cost paid for an optimizer aiayn does not use (Adam, section 5.3).
     Imported here first with DeepSpeed's own no-op decorator, the module is the same, its functions run eagerly.
     """
     if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
@@ -48,8 +48,8 @@ def _freeze_gc() -> None:
 
     DeepSpeed's bf16 optimizer runs a full ``gc.collect()`` four times per engine start (``see_memory_usage`` with
     ``force=True``, to report memory). With torch, Lightning and DeepSpeed loaded, each such collection walks
-    millions of objects: about 10 s apiece on a loaded 2-core CPU machine. Frozen, those long-lived objects (modules,
-    the model, the data) are skipped, and a collection only walks what was allocated since.
+    millions of objects that live as long as the process and can never be collected. Frozen, those long-lived
+    objects (modules, the model, the data) are skipped, and a collection only walks what was allocated since.
     """
     gc.freeze()
 
@@ -83,9 +83,9 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
     def __init__(self, *args: Any, cpu_shm_comm: bool = False, **kwargs: Any) -> None:
         """cpu_shm_comm: on CPU, use DeepSpeed's shared-memory all-reduce op between the processes of a node.
-        DeepSpeed JIT-compiles it (C++ against torch's headers) at the first start: ~20 s on an idle machine,
-        over 10 minutes on a loaded 2-core one. Off (the default), collectives go through torch.distributed's
-        gloo backend: the same results, no compile step."""
+        DeepSpeed JIT-compiles it (C++ against torch's headers) at the first start, which makes that start slow
+        and depends on a working compiler. Off (the default), collectives go through torch.distributed's gloo
+        backend: the same results, no compile step."""
         super().__init__(*args, **kwargs)
         self.cpu_shm_comm = cpu_shm_comm
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,34 +20,12 @@ from modules.lightning import TranslationModule
 from pipeline import preemption
 from pipeline.callbacks import AttentionImages, MemoryMonitor, RequeueOnPreemption, RunStart, TokenThroughput
 from pipeline.config import output_dir
+from pipeline.costs import accumulation_steps
 from pipeline.host import reuse_freed_memory
 from pipeline.loggers import build_loggers, finish_wandb
-from pipeline.plan import accumulation_steps
 from pipeline.resume import AtomicCheckpointIO, RNGState, UpdateCheckpoint
+from pipeline.runs import new_run_dir, resume_path, save_config
 from pipeline.strategies import build_strategy
-
-
-def run_dir(cfg: DictConfig) -> Path:
-    """The run's folder: run.dir if given, else <output_dir>/runs/<run.name>-<timestamp>."""
-    if cfg.run.dir:
-        path = Path(cfg.run.dir).expanduser().resolve()
-    else:
-        path = output_dir(cfg) / "runs" / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def resume_path(cfg: DictConfig, directory: Path) -> str | None:
-    """The checkpoint to start from: run.resume (a path), "last" (checkpoints/last.ckpt), or "auto": last.ckpt if
-    it exists, else none (what a SLURM job runs with, so that its first attempt starts fresh and a requeued one
-    resumes)."""
-    resume = cfg.run.resume
-    last = directory / "checkpoints" / "last.ckpt"
-    if resume == "auto":
-        return str(last) if last.is_file() else None
-    if resume == "last":
-        return str(last)
-    return resume
 
 
 def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
@@ -126,14 +105,22 @@ def describe_run(cfg: DictConfig, trainer: L.Trainer) -> str:
     )
 
 
-def main(cfg: DictConfig) -> dict:
-    L.seed_everything(cfg.seed, workers=True)
-    if cfg.trainer.accelerator == "cpu":
-        reuse_freed_memory()
-    directory = run_dir(cfg)
-    (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
-    module = TranslationModule(
+@dataclass
+class Run:
+    """A training run's parts, built from its config by build_run: what `aiayn train` fits, and what tests and
+    benchmarks drive by hand."""
+
+    cfg: DictConfig
+    directory: Path  # the run folder
+    datamodule: TranslationDataModule
+    module: TranslationModule
+    trainer: L.Trainer
+    resume_from: str | None  # the checkpoint fit starts from (run.resume), None for a fresh run
+
+
+def build_module(cfg: DictConfig) -> TranslationModule:
+    """The LightningModule of the config: model, optimizer and loss settings, validation decoding, device kernels."""
+    return TranslationModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         n_samples=cfg.run.n_samples,
@@ -143,13 +130,32 @@ def main(cfg: DictConfig) -> dict:
         kernels=cfg.device.kernels,
         compile=cfg.device.compile,
     )
+
+
+def build_run(cfg: DictConfig, directory: Path | None = None) -> Run:
+    """Every part of the run the config describes, in its run folder (run.dir, or a new timestamped one; created,
+    with its config.yaml): the data module, the LightningModule, the trainer with its callbacks and loggers, and
+    the accumulation that train.tokens_per_update asks for, set on both trainer and data."""
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.trainer.accelerator == "cpu":
+        reuse_freed_memory()
+    directory = directory or new_run_dir(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, directory)
+    datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
+    module = build_module(cfg)
     trainer = build_trainer(cfg, directory)
     trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)
     datamodule.accumulation = trainer.accumulate_grad_batches
+    return Run(cfg, directory, datamodule, module, trainer, resume_path(cfg, directory))
+
+
+def main(cfg: DictConfig) -> dict:
+    run = build_run(cfg)
+    trainer, directory = run.trainer, run.directory
     rank_zero_info(describe_run(cfg, trainer))
-    ckpt_path = resume_path(cfg, directory)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.resume_from)
     minutes = (time.perf_counter() - started) / 60
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
@@ -160,7 +166,7 @@ def main(cfg: DictConfig) -> dict:
         "steps": trainer.global_step,
         "minutes": round(minutes, 2),
         "start_step": run_start.start_step,
-        "resumed_from": ckpt_path,
+        "resumed_from": run.resume_from,
         "world_size": trainer.world_size,
         "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
         **metrics,
@@ -172,7 +178,7 @@ def main(cfg: DictConfig) -> dict:
         print(f"\nTrained {trainer.global_step} steps in {minutes:.1f} min; run folder: {directory}")
         if "val/ppl" in metrics:
             print(f"validation perplexity {metrics['val/ppl']:.2f}  (loss {metrics['val/loss']:.3f})")
-        for src, ref, hyp in module.samples:
+        for src, ref, hyp in run.module.samples:
             print(f"  SRC {src}\n  REF {ref}\n  HYP {hyp}\n")
     finish_wandb()
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -7,9 +7,9 @@ whitespace; data/clean.py), then the prepared dataset's SentencePiece model, plu
 batches of similar length (translate.max_tokens padded source tokens, as `aiayn evaluate`), written in input order,
 decoded back to text by SentencePiece, to stdout or translate.output. An empty line gives an empty line.
 
-Model: translate.checkpoint, else run.dir's averaged.ckpt, else its checkpoints/last.ckpt (pipeline/evaluate.py's
-resolve_checkpoint and load_for_inference). The BPE model is the prepared dataset's for the data.* config, so pass
-the overrides the run was trained with; a model whose vocabulary is another size is refused.
+Model: translate.checkpoint, else run.dir's averaged.ckpt, else its checkpoints/last.ckpt (pipeline/runs.py's
+resolve_checkpoint, pipeline/inference.py's load_for_inference). The BPE model is the prepared dataset's for the
+data.* config, so pass the overrides the run was trained with; a model whose vocabulary is another size is refused.
 
 Decoding: translate.beam, alpha, nbest, max_extra default to the evaluate.* keys (section 6.1). With nbest > 1 each
 sentence gives nbest lines `<line index>\\t<score>\\t<translation>`, best first (fairseq's H- lines, without the H-).
@@ -20,78 +20,22 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-import torch
 from omegaconf import DictConfig
 
-from data.clean import Cleaner
-from modules.transformer import Transformer
-from pipeline.average import require_run_dir
+from pipeline import inference
 from pipeline.errors import RunFolderError
-from pipeline.evaluate import (
-    Search,
-    load_for_inference,
-    make_search,
-    place_for_inference,
-    resolve_checkpoint,
-    translate_ids,
-)
-
-
-@dataclass
-class Translator:
-    """A model, its BPE model and the training text's cleaning, ready to translate lines."""
-
-    model: Transformer
-    tokenizer: Any  # data.Tokenizer
-    cleaner: Cleaner
-    search: Search  # pipeline/evaluate.make_search: each sentence's n-best list
-    max_tokens: int
-    precision: str
-    device: torch.device
-
-    def __call__(self, lines: list[str]) -> list[list[tuple[float, str]]]:
-        """Each line's n-best (score, translation) list, in input order; an empty line gives [(nan, "")]."""
-        texts = self.cleaner.texts(lines)
-        todo = [i for i, text in enumerate(texts) if text]
-        sources = self.tokenizer.encode([texts[i] for i in todo])
-        results: list[list[tuple[float, str]]] = [[(float("nan"), "")] for _ in lines]
-        nbests = translate_ids(
-            self.model,
-            sources,
-            self.search,
-            self.tokenizer.pad_id,
-            self.tokenizer.eos_id,
-            self.max_tokens,
-            self.device,
-            self.precision,
-        )
-        for i, nbest in zip(todo, nbests, strict=True):
-            decoded = self.tokenizer.decode([hyp.tokens for hyp in nbest])
-            results[i] = [(hyp.score, text.replace("\n", " ")) for hyp, text in zip(nbest, decoded, strict=True)]
-        return results
+from pipeline.inference import Translator
+from pipeline.runs import require_run_dir, resolve_checkpoint
 
 
 def load_translator(cfg: DictConfig) -> tuple[Translator, Path]:
-    """The translate.* settings' Translator, and the checkpoint it loaded."""
+    """The translate.* settings' Translator (pipeline/inference.py), and the checkpoint it loaded."""
     run_dir = require_run_dir(cfg, "translate") if cfg.run.get("dir") else None
     checkpoint_path = resolve_checkpoint(cfg, run_dir, section="translate")
-    model, _, datamodule = load_for_inference(cfg, checkpoint_path, "translate")
-    tokenizer = datamodule.tokenizer
-    device = place_for_inference(model, cfg.device.kernels)
-    translator = Translator(
-        model=model,
-        tokenizer=tokenizer,
-        cleaner=Cleaner(datamodule.cfg.get("clean"), filters=False),
-        search=make_search(cfg.translate, tokenizer.bos_id, tokenizer.eos_id, section="translate")[0],
-        max_tokens=int(cfg.translate.max_tokens),
-        precision=cfg.translate.precision,
-        device=device,
-    )
-    return translator, checkpoint_path
+    return inference.load_translator(cfg, checkpoint_path), checkpoint_path
 
 
 def format_nbest(index: int, nbest: list[tuple[float, str]], n: int) -> list[str]:

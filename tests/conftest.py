@@ -17,8 +17,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # One intra-op thread per process, here and in every process a test starts (DDP ranks, SLURM tasks, CLI runs):
-# the models are tiny, and with 2 threads per process on a shared 2-core machine OpenMP's spinning threads slowed
-# 70 greedy decoding steps from 8 s to 360 s (measured under load while other processes ran).
+# the models are tiny, and with 2 threads per process on a shared 2-core machine OpenMP's spinning threads of
+# concurrent processes wait on each other far longer than the work takes.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 

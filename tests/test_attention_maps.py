@@ -16,26 +16,23 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from wandb_records import offline_runs
 
 from data import Tokenizer
 from modules.attention_maps import KINDS, attention_modules, collect_attention, keeping_attention_weights
 from modules.config import TransformerConfig
-from modules.lightning import TranslationModule
 from modules.search import greedy_search
 from modules.transformer import Transformer
 from pipeline import cli
 from pipeline.attention import attention_figures, sentence_attention, slug, write_attention
 from pipeline.callbacks import AttentionImages
 from pipeline.config import load_config
-from pipeline.evaluate import load_model
+from pipeline.inference import load_model
 
 VOCAB = 400  # tests/tiny_run.py's model.vocab_size, the BPE size of data=tiny
 SOURCE, TARGET = "two red dogs run", "zwei rote Hunde laufen"
@@ -238,10 +235,9 @@ def test_cli_attention_writes_the_figures_and_weights(
 
 
 def test_validation_logs_the_attention_images_to_wandb(tiny: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """`aiayn train`'s trainer (pipeline/train.py build_trainer) on the tiny data, 2 steps with a validation after
+    """`aiayn train`'s run (pipeline/train.py build_run) on the tiny data, 2 steps with a validation after
     each and a sanity check before: the offline W&B run holds val/attention/<kind> at steps 1 and 2 only, one image
     per layer, and the last ones are the figures of the first validation pair under the final weights."""
-    from data import TranslationDataModule
     from pipeline import train
     from pipeline.loggers import finish_wandb
 
@@ -251,13 +247,8 @@ def test_validation_logs_the_attention_images_to_wandb(tiny: dict, monkeypatch: 
     overrides = [*tiny["overrides"], f"run.dir={run}", "trainer.max_steps=2", "trainer.val_check_interval=1"]
     overrides += ["trainer.num_sanity_val_steps=1", "trainer.limit_val_batches=1", "trainer.precision=32-true"]
     overrides += ["trainer.enable_progress_bar=false", "run.n_samples=0", "run.val_bleu_sentences=0"]
-    cfg = load_config(overrides)
-    L.seed_everything(cfg.seed)
-    module = TranslationModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True), optim=OmegaConf.to_container(cfg.optim, resolve=True)
-    )
-    trainer = train.build_trainer(cfg, run)
-    datamodule = TranslationDataModule(cfg.data, tiny["root"] / "out", seed=cfg.seed)
+    parts = train.build_run(load_config(overrides))
+    module, datamodule, trainer = parts.module, parts.datamodule, parts.trainer
     trainer.fit(module, datamodule=datamodule)
     finish_wandb()
 

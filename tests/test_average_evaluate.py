@@ -18,10 +18,8 @@ import sys
 from pathlib import Path
 
 import forked
-import lightning as L
 import pytest
 import torch
-from omegaconf import OmegaConf
 from tiny_run import N_TEST, STEPS, new_module, save_checkpoint
 from wandb_records import OfflineRun
 
@@ -255,20 +253,15 @@ def test_evaluate_without_a_checkpoint_says_what_to_do(tiny: dict, capsys: pytes
     assert "no averaged.ckpt and no checkpoints/last.ckpt" in capsys.readouterr().err
 
 
-def _deepspeed_fit(overrides: list[str], run: Path, dataset_root: Path) -> None:
+def _deepspeed_fit(overrides: list[str], run: Path) -> None:
     """`aiayn train`'s trainer on a fresh module; the fitted weights -> run/trained.pt. Runs in a forked child:
     DeepSpeed keeps its process groups in module globals, which a later DeepSpeed world in this process would
     inherit (tests/test_deepspeed_cpu.py forks its ranks from here)."""
-    from data import TranslationDataModule
     from pipeline import train
 
-    cfg = load_config(overrides)
-    L.seed_everything(cfg.seed)
-    module = TranslationModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True), optim=OmegaConf.to_container(cfg.optim, resolve=True)
-    )
-    trainer = train.build_trainer(cfg, run)
-    trainer.fit(module, datamodule=TranslationDataModule(cfg.data, dataset_root, seed=cfg.seed))
+    parts = train.build_run(load_config(overrides), directory=run)
+    module = parts.module
+    parts.trainer.fit(module, datamodule=parts.datamodule)
     torch.save({"state_dict": module.state_dict(), "model": dict(module.hparams["model"])}, run / "trained.pt")
     torch.distributed.destroy_process_group()  # as pipeline/train.py does after fit
 
@@ -282,7 +275,7 @@ def test_average_consolidates_deepspeed_checkpoint_folders(tiny: dict) -> None:
     overrides = ["strategy=deepspeed", "strategy.stage=2", "trainer.precision=32-true", "trainer.max_steps=3"]
     overrides += ["checkpoint.every_n_train_steps=1", "trainer.limit_val_batches=0", "logger.wandb.enabled=false"]
     overrides += ["trainer.enable_progress_bar=false", "run.n_samples=0"]
-    world = forked.torchrun_fork(_deepspeed_fit, ([*tiny["overrides"], *overrides], run, tiny["root"] / "out"), 1, run)
+    world = forked.torchrun_fork(_deepspeed_fit, ([*tiny["overrides"], *overrides], run), 1, run)
     codes = forked.wait_all(world, timeout=1800)
     assert codes == [0], (run / "rank0.log").read_text()[-5000:]
     fitted = torch.load(run / "trained.pt", weights_only=True)

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import unicodedata
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -267,21 +268,23 @@ def test_datamodule_serves_every_pair_and_raw_examples(prepared, corpora, raw):
     assert all(b["src"].numel() <= 512 or b["src"].shape[0] == 1 for b in batches + valid)
 
 
-def test_datamodule_state_resumes_mid_epoch(prepared, corpora):
+def test_train_loader_state_resumes_mid_epoch(prepared, corpora):
     _, output_dir = prepared
     first = TranslationDataModule(data_cfg(corpora), output_dir, seed=3)
     first.setup("fit")
-    loader = iter(first.train_dataloader())
+    loader = first.train_dataloader()
+    batches = iter(loader)
     for _ in range(4):
-        next(loader)
-    state = first.state_dict()
-    assert state == {"train_sampler": {"epoch": 0, "batches_done": 4}}
-    rest = [signature(b) for b in loader]
+        next(batches)
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches_done": 4}
+    rest = [signature(b) for b in batches]
 
     resumed = TranslationDataModule(data_cfg(corpora), output_dir, seed=3)
     resumed.setup("fit")
-    resumed.load_state_dict(state)  # Lightning restores state before it creates the dataloader
-    assert [signature(b) for b in resumed.train_dataloader()] == rest
+    loader = resumed.train_dataloader()
+    loader.load_state_dict(state)  # what Lightning does with a new loader on resume, before iterating it
+    assert [signature(b) for b in loader] == rest
 
 
 class Recorder(L.LightningModule):
@@ -301,6 +304,7 @@ class Recorder(L.LightningModule):
 
 
 def fit(corpora: Path, output_dir: Path, ckpt_dir: Path, ckpt_path: Path | None = None) -> list[tuple]:
+    """Two epochs, a checkpoint every 3 steps; the batches trained on, as (epoch, signature)."""
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -321,16 +325,50 @@ def fit(corpora: Path, output_dir: Path, ckpt_dir: Path, ckpt_path: Path | None 
     return module.seen
 
 
-def test_lightning_trains_each_epoch_and_resumes_mid_epoch(prepared, corpora, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, corpora, tmp_path_factory) -> tuple[list[tuple], Path]:
+    """(batches trained, checkpoint folder) of a fit that ran through."""
+    ckpt_dir = tmp_path_factory.mktemp("uninterrupted")
+    return fit(corpora, prepared[1], ckpt_dir), ckpt_dir
+
+
+def _resume_warnings(records: list[warnings.WarningMessage]) -> list[str]:
+    """Lightning's warnings about a resume that cannot continue exactly, e.g. "... your dataloader is not
+    resumable. This can cause unreliable results if further training is done. ..."""
+    messages = [str(r.message) for r in records]
+    return [m for m in messages if "resumable" in m or "reproducib" in m or "unreliable results" in m]
+
+
+def test_lightning_trains_each_epoch_and_resumes_mid_epoch(prepared, corpora, uninterrupted, tmp_path):
     dataset_dir, output_dir = prepared
     epoch0, epoch1 = expected_epoch(dataset_dir, 0, seed=3), expected_epoch(dataset_dir, 1, seed=3)
     assert epoch0 != epoch1
 
-    seen = fit(corpora, output_dir, tmp_path)
+    seen, ckpt_dir = uninterrupted
     assert [s for e, s in seen if e == 0] == epoch0
     assert [s for e, s in seen if e == 1] == epoch1
-    # restart from the checkpoint saved after step 3 of epoch 0: the rest of epoch 0, then epoch 1
-    resumed = fit(corpora, output_dir, tmp_path / "again", ckpt_path=tmp_path / "step=3.ckpt")
+    # Lightning keeps the training loader's own state (TrainLoader), the datamodule none
+    checkpoint = torch.load(ckpt_dir / "step=3.ckpt", weights_only=True)
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches_done": 3}]
+    assert "TranslationDataModule" not in checkpoint
+    # restart from the checkpoint saved after step 3 of epoch 0: the rest of epoch 0, then epoch 1, and no
+    # warning that the resume is not exact
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        resumed = fit(corpora, output_dir, tmp_path / "again", ckpt_path=ckpt_dir / "step=3.ckpt")
+    assert [s for _, s in resumed] == epoch0[3:] + epoch1
+    assert not _resume_warnings(records)
+
+
+def test_a_checkpoint_from_before_the_stateful_loader_resumes_mid_epoch(prepared, corpora, uninterrupted, tmp_path):
+    """Checkpoints written before TrainLoader held the sampler position as the datamodule's state."""
+    dataset_dir, output_dir = prepared
+    checkpoint = torch.load(uninterrupted[1] / "step=3.ckpt", weights_only=True)
+    (position,) = checkpoint["loops"]["fit_loop"]["state_dict"].pop("combined_loader")
+    checkpoint["TranslationDataModule"] = {"train_sampler": position}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    resumed = fit(corpora, output_dir, tmp_path / "again", ckpt_path=tmp_path / "old.ckpt")
+    epoch0, epoch1 = expected_epoch(dataset_dir, 0, seed=3), expected_epoch(dataset_dir, 1, seed=3)
     assert [s for _, s in resumed] == epoch0[3:] + epoch1
 
 

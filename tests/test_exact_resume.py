@@ -1,6 +1,7 @@
 """Exact resume (pipeline/resume.py): a run killed with SIGKILL after its step-N checkpoint, then resumed
 (run.resume=last), ends with the uninterrupted run's weights, optimizer and scheduler state, RNG states and data
-position, bit for bit; in one process and in 2-process DDP (gloo). Plus the pieces on their own: RNG states
+position, bit for bit; in one process and in 2-process DDP (gloo); and the resume prints no warning that it cannot
+continue exactly. Plus the pieces on their own: RNG states
 survive a checkpoint and are kept from whatever runs between training batches; a wrong world size is refused; a
 time-triggered save never lands inside an accumulated update; a process killed while saving leaves the previous
 checkpoint loadable.
@@ -20,7 +21,9 @@ import io
 import os
 import random
 import signal
+import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -80,17 +83,45 @@ def _command(overrides: list[str], devices: int, run_dir: Path, *extra: str) -> 
     return ["train", *overrides, *parallel, f"run.dir={run_dir}", *extra]
 
 
+WARNING = "warning: "  # how _aiayn_printing_warnings starts each warning's line in a rank's log
+
+
+def _aiayn_printing_warnings(argv: list[str]) -> None:
+    """forked.aiayn, with every warning it raises printed to the log at the end. (A forked child inherits
+    pytest's recording of warnings into a list, where they would be lost.)"""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            forked.aiayn(argv)
+        finally:
+            for w in caught:
+                message = " ".join(str(w.message).split())
+                print(f"{WARNING}{w.category.__name__}: {message}", file=sys.stderr, flush=True)
+
+
 def _start(argv: list[str], devices: int, log_dir: Path) -> list[forked.Child]:
     """`aiayn train` as 1 process, or as 2 DDP ranks started the way torchrun starts them; forked from this
     process (tests/forked.py), each rank in its own session so that SIGKILL takes it down as a node failure does."""
     log_dir.mkdir(parents=True, exist_ok=True)
     if devices == 1:
-        return [forked.Child(forked.aiayn, (argv,), forked.clean_env(), log_dir / "rank0.log")]
-    return forked.torchrun_fork(forked.aiayn, (argv,), devices, log_dir)
+        return [forked.Child(_aiayn_printing_warnings, (argv,), forked.clean_env(), log_dir / "rank0.log")]
+    return forked.torchrun_fork(_aiayn_printing_warnings, (argv,), devices, log_dir)
 
 
 def _logs(log_dir: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(log_dir.glob("rank*.log")))
+
+
+def _resume_warnings(log_dir: Path) -> list[str]:
+    """Warnings in the ranks' logs about a resume that cannot continue exactly, e.g. Lightning's "You're resuming
+    from a checkpoint that ended before the epoch ended and your dataloader is not resumable. This can cause
+    unreliable results if further training is done. ..."""
+    lines = [line for p in sorted(log_dir.glob("rank*.log")) for line in p.read_text().splitlines()]
+    return [
+        line
+        for line in lines
+        if line.startswith(WARNING) and any(w in line for w in ("resumable", "reproducib", "unreliable results"))
+    ]
 
 
 def _run(argv: list[str], devices: int, log_dir: Path) -> None:
@@ -137,14 +168,21 @@ def _assert_equal(a, b, where: str = "checkpoint") -> None:
 
 # What must be identical between two checkpoints of the same step. ("callbacks" also holds ModelCheckpoint's
 # bookkeeping, which names the run folder; its RNGState entry is compared.)
-TRAINING_STATE = ("global_step", "state_dict", "optimizer_states", "lr_schedulers", "TranslationDataModule")
+TRAINING_STATE = ("global_step", "state_dict", "optimizer_states", "lr_schedulers")
 
 
 def _training_state(ckpt: dict) -> dict:
     state = {k: ckpt[k] for k in TRAINING_STATE}
     state["rng"] = ckpt["callbacks"]["RNGState"]
     state["loops"] = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    state["data_position"] = _data_position(ckpt)
     return state
+
+
+def _data_position(ckpt: dict) -> dict:
+    """The training loader's state (data/datamodule.py TrainLoader), which Lightning keeps with its loop state."""
+    (position,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    return position
 
 
 @pytest.mark.slow
@@ -165,8 +203,12 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
         _training_state(_load(straight / "checkpoints" / f"step{N:07d}.ckpt")), _training_state(at_kill), "step N"
     )
     assert len(at_kill["callbacks"]["RNGState"]["ranks"]) == devices
+    # mid-epoch: batch 5 of 7 in one process; under DDP, batch 1 of the second epoch's 4 per rank
+    position = {"epoch": 0, "batches_done": 5} if devices == 1 else {"epoch": 1, "batches_done": 1}
+    assert _data_position(at_kill) == position
 
     _run(_command(resume_data, devices, broken, "run.resume=last"), devices, tmp_path / "resumed-logs")
+    assert not _resume_warnings(tmp_path / "resumed-logs"), _logs(tmp_path / "resumed-logs")
 
     expected, resumed = _load(straight / "checkpoints" / "last.ckpt"), _load(broken / "checkpoints" / "last.ckpt")
     assert expected["global_step"] == resumed["global_step"] == 2 * N
@@ -298,14 +340,14 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(tmp_path: 
             os._exit(1)  # not reached: SIGKILL comes first
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    partial = list(tmp_path.glob(".last.ckpt.*.tmp"))
+    partial = list(tmp_path.glob(".last.ckpt.tmp-*"))
     assert len(partial) == 1 and partial[0].stat().st_size > 0  # it did die while writing
     _assert_equal(checkpoint_io.load_checkpoint(path, weights_only=True), old)
 
     new = {"w": torch.ones(10), "step": 10}
     checkpoint_io.save_checkpoint(new, path)
     _assert_equal(checkpoint_io.load_checkpoint(path, weights_only=True), new)
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp-*"))
 
 
 def test_the_end_of_a_fit_is_saved_when_it_falls_between_two_saves(tmp_path: Path) -> None:
@@ -328,3 +370,37 @@ def test_the_end_of_a_fit_is_saved_when_it_falls_between_two_saves(tmp_path: Pat
         steps[cls] = sorted(torch.load(f, weights_only=False)["global_step"] for f in folder.glob("*.ckpt"))
     assert 5 not in steps[ModelCheckpoint], steps  # the hazard is real
     assert steps[UpdateCheckpoint] == [2, 4, 5, 5], steps  # ... and the 5th update is in a checkpoint and last.ckpt
+
+
+class _StopAfter(L.Callback):
+    """Stops the fit after micro-batch `n` of the epoch, as trainer.max_time or a preemption does."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, idx) -> None:
+        if idx + 1 == self.n:
+            trainer.should_stop = True
+
+
+def test_the_end_of_a_fit_is_not_saved_inside_an_update(tmp_path: Path) -> None:
+    """Accumulation 3, a save every 4 updates: a fit stopped after micro-batch 7, inside its 3rd update, saved
+    nothing before; neither UpdateCheckpoint nor Lightning's own last.ckpt at the end of a fit that saved none
+    (ModelCheckpoint.on_train_end) may save it now, with the gradients of micro-batch 7 in no checkpoint."""
+    data = torch.utils.data.TensorDataset(torch.randn(24, 4), torch.randn(24, 1))
+    model = _Toy()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=3,
+        callbacks=[
+            UpdateCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1, save_last=True),
+            _StopAfter(7),
+        ],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=2))
+    assert trainer.global_step == 2
+    assert model.saved_at == []

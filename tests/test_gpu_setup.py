@@ -17,7 +17,7 @@ import torch
 from pipeline import cli
 from pipeline.callbacks import accelerator_key
 from pipeline.config import PROJECT_ROOT, load_config
-from pipeline.plan import ACCELERATORS, accelerator_for_device_name
+from pipeline.costs import ACCELERATORS, accelerator_for_device_name
 
 MAKEFILE = PROJECT_ROOT / "Makefile"
 TORCH_VERSION = re.search(r"^TORCH_VERSION := (\S+)$", MAKEFILE.read_text(), re.MULTILINE).group(1)

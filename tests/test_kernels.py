@@ -222,7 +222,7 @@ def _batch() -> dict[str, torch.Tensor]:
 
 def _step(module: TranslationModule, kernels, autocast: bool) -> list[torch.Tensor]:  # noqa: ANN001
     """Loss, nll and every parameter's gradient of one training step on _batch(): through the module's own path
-    (TranslationModule._losses) with `kernels`, or with kernels None as written: logits = model(src, tgt_in), then
+    (TranslationModule.batch_losses) with `kernels`, or with kernels None as written: logits = model(src, tgt_in), then
     the plain loss."""
     batch = _batch()
     module.zero_grad()
@@ -233,7 +233,7 @@ def _step(module: TranslationModule, kernels, autocast: bool) -> list[torch.Tens
             loss, nll = LabelSmoothedCrossEntropy(0.1, pad_id=0)(logits, batch["tgt_out"])
         else:
             module.model.use_kernels(kernels)
-            loss, nll, _ = module._losses(batch)
+            loss, nll, _ = module.batch_losses(batch)
     loss.backward()
     return [loss.detach(), nll.detach(), *(p.grad.clone() for p in module.parameters())]
 

@@ -9,12 +9,10 @@ import pytest
 
 from pipeline import cli
 from pipeline.config import load_config
+from pipeline.costs import ACCELERATORS, accumulation_steps, batch_layout
 from pipeline.plan import (
-    ACCELERATORS,
     MIXED_PRECISION_BYTES,
     PlanConfigError,
-    accumulation_steps,
-    batch_layout,
     make_plan,
     model_state_bytes,
     paper_training_flops,
@@ -79,13 +77,26 @@ def test_base_flops_per_target_token_by_hand():
 
 
 def test_base_activations_and_step_time_by_hand():
-    """Activations of one 4096-token micro-batch of the base model in bf16-mixed, and the step time on 8 P100s."""
-    d, d_ff, h, s, t = 512, 2048, 8, 27, 28
+    """Activations of one 4096-token micro-batch of the base model in bf16-mixed, and the step time on 8 P100s;
+    the loss's share depends on the kernels (device.kernels): the plain loss keeps float32 log-probabilities and
+    their gradient per token, the GPU's blocked loss one block of logits whatever the batch."""
+    d, d_ff, h, s, t, vocab = 512, 2048, 8, 27, 28, 37_000
     encoder_layer = (11 * d + 5 * h * s) + (3 * d + 4 * d_ff) + 2 * 2 * d  # 18,488 bytes per token
     decoder_layer = (11 * d + 5 * h * t) + (11 * d + 5 * h * s) + (3 * d + 4 * d_ff) + 3 * 2 * d  # 26,264
-    per_token = 6 * (encoder_layer + decoder_layer) + 37_000 * (2 + 4 + 4)  # 638,512
+    layers = 4096 * 6 * (encoder_layer + decoder_layer)
+    outputs = {
+        "plain": 4096 * vocab * (2 + 4 + 4),
+        "cpu": 4096 * vocab * 2 + 4096 * d * 2 + vocab * d * 4,
+        "cuda": 2**27 * (2 + 4) + 4096 * d * 2 + vocab * d * 4,  # 4096 x 37k logits are more than one block
+    }
+    for kernels, output in outputs.items():
+        gpu = "cpu" if kernels == "cpu" else "p100"
+        overrides = [*PAPER_BASE, "data.max_tokens=4096", "cluster.mfu=0.5", f"cluster.gpu={gpu}"]
+        plan = make_plan(load_config([*overrides, f"device.kernels={kernels}"]))
+        assert plan["memory"]["kernels"] == kernels
+        assert plan["memory"]["zero"]["0"]["activations"] == layers + output, kernels
+    assert make_plan(load_config([*PAPER_BASE, "cluster.gpu=h100"]))["memory"]["kernels"] == "cuda"  # auto
     plan = make_plan(load_config([*PAPER_BASE, "data.max_tokens=4096", "cluster.mfu=0.5"]))
-    assert plan["memory"]["zero"]["0"]["activations"] == 4096 * per_token
     assert plan["memory"]["zero"]["0"]["weights"] == 2 * 63_082_496
     step = plan["flops_per_target_token"]["total"] * 4096 * 8 / (8 * 9.5e12 * 0.5)
     assert plan["time"]["step_seconds"] == pytest.approx(step, rel=1e-12)

@@ -17,7 +17,7 @@ from modules.lightning import TranslationModule
 from modules.search import greedy_search
 from modules.transformer import Transformer
 from pipeline.errors import RunFolderError
-from pipeline.evaluate import make_search
+from pipeline.inference import make_search
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -333,7 +333,7 @@ def test_bf16_decoding_runs_in_bf16_and_scores_like_float32() -> None:
     """translate_ids(precision="bf16-mixed") (evaluate.precision): the decoder's matmuls run in bf16, and each
     hypothesis' log-probability is the float32 model's, teacher-forced, within bf16's precision; nothing else
     changes (the hypotheses are complete sentences). An unknown precision names the key."""
-    from pipeline.evaluate import translate_ids
+    from modules.decoding import translate_ids
 
     model = _model(5, vocab=40)
     src = _sources([5, 8, 3, 7, 6, 4], vocab=40, seed=5)

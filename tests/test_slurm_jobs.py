@@ -24,8 +24,9 @@ from tiny_run import TINY_MODEL
 from pipeline import cli
 from pipeline.cluster import ClusterConfigError
 from pipeline.config import load_config
+from pipeline.runs import graph_run_dir
 from pipeline.slurm import make_job, sbatch_script
-from pipeline.stages import STAGES, graph_run_dir, run_graph
+from pipeline.stages import STAGES, run_graph
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
 

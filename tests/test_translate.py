@@ -101,7 +101,7 @@ def test_translate_nbest_and_greedy(run: dict, capsys: pytest.CaptureFixture, mo
     the same source ids."""
     from data import Tokenizer
     from modules.search import greedy_search
-    from pipeline.evaluate import load_model
+    from pipeline.inference import load_model
 
     s, h = run["sources"], run["hyps"]
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{s[7]}\n{s[8]}\n"))

@@ -1,0 +1,22 @@
+"""`aiayn prepare`: the configured corpus cleaned, BPE-encoded and sharded into its dataset folder (data/prepare.py),
+unless that folder is already complete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from data.manifest import is_complete
+from data.prepare import dataset_dir_for, prepare_dataset
+from pipeline.config import output_dir
+
+
+def main(cfg: DictConfig) -> Path:
+    dataset_dir = dataset_dir_for(cfg.data, output_dir(cfg))
+    if is_complete(dataset_dir):
+        print(f"already prepared: {dataset_dir}")
+        return dataset_dir
+    dataset_dir = prepare_dataset(cfg.data, output_dir(cfg))
+    print(dataset_dir)
+    return dataset_dir
