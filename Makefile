@@ -6,12 +6,17 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
+# `make setup`: torch first (the build below), then this project with the exact versions of constraints.txt (pip -c;
+# pyproject.toml itself declares ranges, so that `pip install .` fits into an existing environment and its torch).
+CONSTRAINTS := constraints.txt
+
 # The torch build `make setup` installs. auto: cu128 where `nvidia-smi -L` lists a GPU, else cpu. cpu: the pin as
 # pip's configuration resolves it (on the development host a local +cpu wheel). A CUDA tag of PyTorch's wheel index
 # (cu126, cu128, ...): that build from https://download.pytorch.org/whl/<tag>, e.g. `make setup TORCH=cu126`.
 # The stamp names version and build, so choosing another build reinstalls torch.
 TORCH ?= auto
 TORCH_VERSION := 2.13.0
+# (the torch== line of constraints.txt: tests/test_install.py checks that the two agree)
 ifeq ($(TORCH),auto)
   TORCH_BUILD := $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && echo cu128 || echo cpu)
   TORCH_WHY := TORCH=auto and nvidia-smi -L lists $(if $(filter cpu,$(TORCH_BUILD)),no GPU,a GPU)
@@ -36,18 +41,18 @@ export CORPORA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export WANDB_DIR ?= $(AIAYN_OUTPUT_DIR)
 
-.PHONY: setup train test lint bench bench-gpu clean
+.PHONY: setup train test lint bench bench-gpu clean constraints
 
 setup: $(STAMP)
 
 # torch first, pinned to the chosen build (TORCH above), so that the project's dependencies do not pick one.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@echo "make setup: torch $(TORCH_VERSION), $(TORCH_BUILD) build ($(TORCH_WHY); TORCH=cpu|cu126|cu128 chooses)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(if $(OTHER_STAMPS),$(BIN)/pip uninstall --quiet --yes torch && rm -f $(OTHER_STAMPS))
 	$(TORCH_INSTALL)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -82,6 +87,10 @@ bench: $(STAMP) $(FAIRSEQ_VENV)/bin/fairseq-train
 # and a short `aiayn train`, base and big, tokens/s, MFU and memory -> bench/gpu_step.json. Needs a CUDA GPU.
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/gpu_step.py $(ARGS)
+
+# constraints.txt again from the venv, after a dependency in pyproject.toml changed and `make setup` installed it.
+constraints: $(STAMP)
+	$(BIN)/python scripts/constraints.py
 
 clean:
 	rm -rf $(VENV) outputs

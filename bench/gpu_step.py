@@ -33,8 +33,8 @@ Then, unless --train-steps 0, the Lightning loop itself: a short `python -m pipe
 subprocess on the same GPU for each of --train-models, with the first --variants row's kernels and compile, on
 Multi30k (data=multi30k, the default; CORPORA_DIR and AIAYN_OUTPUT_DIR are passed through) with data.max_tokens=
 25000 (padded tokens per batch: Multi30k's captions are short, so these batches hold fewer target tokens than the
-synthetic ones; the JSON says what they were) and the default experiment's 8k Multi30k BPE, read by the model with
-its own 37k vocabulary (as bench/train_throughput.py does: the paper's vocabulary is not Multi30k's). Its
+synthetic ones; the JSON says what they were) and the default experiment's 8k Multi30k BPE, the model's vocabulary
+set to it (the run's bare step is measured again at that vocabulary for the comparison). Its
 `train/tgt_tokens_per_sec` is read from <run.dir>/logs/metrics.csv: the median of the last half of the logged values
 (the first ones include compilation), and set beside the bare step's figure.
 
@@ -431,6 +431,22 @@ def measure(
     return result
 
 
+def flops_per_token(cfg, host_batches: list[dict]) -> list[float]:  # noqa: ANN001
+    """Training FLOPs per target token of each batch (pipeline/costs.py), at the batch's mean lengths."""
+    model_cfg = TransformerConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    counts = count_parameters(cfg)
+    return [
+        training_flops_per_target_token(
+            model_cfg,
+            counts["encoder"],
+            counts["decoder"],
+            b["n_src_tokens"] / b["src"].size(0),
+            b["n_tgt_tokens"] / b["src"].size(0),
+        ).total
+        for b in host_batches
+    ]
+
+
 # -- the Lightning loop --------------------------------------------------------------------------------------------
 def train_overrides(
     model: str, kernels: str, compile_: bool | str, steps: int, run_dir: Path, device: torch.device
@@ -440,7 +456,7 @@ def train_overrides(
     never = 10**9
     return [
         *MODELS[model],
-        f"data.vocab_size={MULTI30K_VOCAB}",  # Multi30k's BPE; the model keeps its own (37k) vocabulary
+        f"model.vocab_size={MULTI30K_VOCAB}",  # Multi30k's BPE (the config check refuses a model that disagrees)
         "data.max_tokens=25000",
         f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}",
         f"trainer.devices={1 if device.index is None else [device.index]}",  # cuda:N: that GPU
@@ -694,16 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = SMOKE["fixed_shape"] if smoke else FIXED_SHAPE
         target_tokens = SMOKE["target_tokens"] if smoke else TARGET_TOKENS
         host_batches = make_batches(args.lengths, args.batches, model_cfg.vocab_size, shape, target_tokens, args.seed)
-        per_token = [
-            training_flops_per_target_token(
-                model_cfg,
-                counts["encoder"],
-                counts["decoder"],
-                b["n_src_tokens"] / b["src"].size(0),
-                b["n_tgt_tokens"] / b["src"].size(0),
-            ).total
-            for b in host_batches
-        ]
+        per_token = flops_per_token(cfg, host_batches)
         batches = [to_device(b, device) for b in host_batches]  # the same tensors for every row
         entry = {
             "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -744,7 +751,27 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.train_models:
             print(f"{model}: aiayn train, {args.train_steps} updates ...", flush=True)
             loop = lightning_loop(model, kernels, compile_, args.train_steps, device, args.train_timeout)
-            bare = report["models"][model]["rows"].get(variant_name(kernels, compile_), {})
+            # The bare step of the loop's own model (Multi30k's vocabulary), on synthetic batches of the rows' shape.
+            cfg = load_config([*MODELS[model], f"model.vocab_size={MULTI30K_VOCAB}"])
+            shape = SMOKE["fixed_shape"] if smoke else FIXED_SHAPE
+            target_tokens = SMOKE["target_tokens"] if smoke else TARGET_TOKENS
+            host_batches = make_batches(args.lengths, args.batches, MULTI30K_VOCAB, shape, target_tokens, args.seed)
+            batches = [to_device(b, device) for b in host_batches]
+            try:
+                bare = measure(
+                    partial(project_row, cfg, kernels, compile_, device),
+                    batches,
+                    flops_per_token(cfg, host_batches),
+                    args.warmup,
+                    args.steps,
+                    device,
+                    args.seed,
+                )
+            except Exception as e:  # noqa: BLE001
+                bare = {"error": f"{type(e).__name__}: {e}"}
+            del batches
+            release(device)
+            loop["bare_step_vocab_size"] = MULTI30K_VOCAB
             if "target_tokens_per_sec" in loop and "target_tokens_per_sec" in bare:
                 loop["bare_step_target_tokens_per_sec"] = bare["target_tokens_per_sec"]
                 loop["ratio_to_bare_step"] = round(loop["target_tokens_per_sec"] / bare["target_tokens_per_sec"], 3)

@@ -36,7 +36,8 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,9 @@ PENDING = ".pending"  # candidate shards awaiting de-duplication (data/dedup.py)
 CLEAN_COUNTS = ("changed", "removed")
 SPM_SEED = 1
 LOOKUP = "lookup"  # the manifest's entry that lets find_dataset_dir skip hashing the corpus
+# How a pass over sentence pairs reports its progress: called as tqdm is, progress(total=, desc=, unit=), it gives a
+# context manager whose value has update(n) (n pairs more done). tqdm itself is one.
+ProgressFactory = Callable[..., AbstractContextManager[Any]]
 # The sha256 of each corpus file this process hashed, by its stat: `aiayn prepare` asks for the folder's name, then
 # prepares it, and reads each file once.
 _SHA256_BY_STAT: dict[tuple, str] = {}
@@ -249,8 +253,14 @@ def check_corpus(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) -> 
     )
 
 
-def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) -> Path:
-    """Train the joint BPE model and encode every split into shards, unless already done. Returns the folder."""
+def prepare_dataset(
+    data_cfg: DictConfig | dict, output_dir: str | os.PathLike, progress: ProgressFactory = tqdm
+) -> Path:
+    """Train the joint BPE model and encode every split into shards, unless already done. Returns the folder.
+
+    progress: how each pass over the pairs (the BPE sample, each split's encoding) shows how far it is
+    (ProgressFactory; tqdm's bar by default, `aiayn prepare` gives pipeline/progress.py's, which writes plain lines
+    off a terminal)."""
     cfg = resolve_data_config(data_cfg)
     output_dir = Path(output_dir)
     dataset_dir, fingerprint, source, lookup = _locate(cfg, output_dir)
@@ -278,11 +288,11 @@ def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) 
         if model_path.is_file():  # renamed into place only when whole: an interrupted run got this far
             log.info("resuming: reusing the BPE model %s", model_path)
         else:
-            model_path = train_bpe(corpora["train"], dataset_dir, cfg, clean)
+            model_path = train_bpe(corpora["train"], dataset_dir, cfg, clean, progress)
         tokenizer = Tokenizer(model_path)
         with ShardPool(resolve_workers(cfg.get("num_prepare_workers"))) as pool:
             splits = {
-                split: encode_split(corpus, split, tokenizer, dataset_dir, cfg, clean, pool)
+                split: encode_split(corpus, split, tokenizer, dataset_dir, cfg, clean, pool, progress)
                 for split, corpus in corpora.items()
             }
         shutil.rmtree(dataset_dir / PENDING, ignore_errors=True)
@@ -312,7 +322,13 @@ def prepare_dataset(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) 
     return dataset_dir
 
 
-def train_bpe(train: ParallelCorpus, dataset_dir: Path, cfg: dict[str, Any], clean: dict[str, Any]) -> Path:
+def train_bpe(
+    train: ParallelCorpus,
+    dataset_dir: Path,
+    cfg: dict[str, Any],
+    clean: dict[str, Any],
+    progress: ProgressFactory = tqdm,
+) -> Path:
     """One BPE model over the source AND target side of the cleaned training split (shared vocabulary, section 5.1).
 
     It sees a uniform random sample of spm_sample_lines / 2 pairs (both sides: spm_sample_lines lines), drawn
@@ -325,7 +341,7 @@ def train_bpe(train: ParallelCorpus, dataset_dir: Path, cfg: dict[str, Any], cle
     pairs.sort()  # file order: a sequential read of the memory-mapped table
 
     def both_sides() -> Iterator[str]:
-        with tqdm(total=n_pairs, desc="BPE: reading a sample of train", unit="pairs") as bar:
+        with progress(total=n_pairs, desc="BPE: reading a sample of train", unit="pairs") as bar:
             for src, tgt, issues in train.batches_at(pairs, ENCODE_BATCH):
                 kept_src, kept_tgt = cleaner(src, tgt, issues)
                 yield from kept_src
@@ -354,6 +370,7 @@ def encode_split(
     cfg: dict[str, Any],
     clean: dict[str, Any],
     pool: ShardPool,
+    progress: ProgressFactory = tqdm,
 ) -> dict[str, Any]:
     """Clean and encode one split, shard by shard on the pool; shards an interrupted run finished are kept.
 
@@ -396,7 +413,7 @@ def encode_split(
 
     n_jobs = sum(isinstance(item, ShardJob) for item in items)
     shards = []
-    with tqdm(total=len(corpus), desc=f"encoding {split}", unit="pairs") as bar:
+    with progress(total=len(corpus), desc=f"encoding {split}", unit="pairs") as bar:
         for item in pool.run(items, n_jobs):
             kind, record = item if isinstance(item, tuple) else ("candidate" if dedup else "final", item)
             if dedup and kind == "final":

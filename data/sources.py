@@ -10,6 +10,11 @@ news test sets used as one training set):
     {parquet: pairs.parquet, src_field: .., tgt_field: ..}
     {hub: wmt14, hub_config: de-en, hub_split: train, revision: null}   datasets.load_dataset (needs internet once)
 
+Relative file paths are taken inside the corpora folder (data.corpora_dir: $CORPORA_DIR). A file it does not hold
+is fetched on first use when the data config has `download: {url, dir}` and the file has a source: a mirror at
+data.download.url (or $AIAYN_DATA_URL), or its public source (Multi30k's, data/download.py); it is kept, verified,
+in data.download.dir and read from there like any corpus file.
+
 Every source becomes an on-disk, memory-mapped Arrow table (flat memory at any corpus size) with the columns
     src, tgt   the raw text of the pair
     issue      null, or why the pair cannot be used: invalid_utf8, line_too_long, bad_columns, bad_json, missing_field
@@ -82,25 +87,53 @@ class Source:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_corpus_path(path: str | os.PathLike, corpora_dir: str | os.PathLike | None, key: str = "") -> Path:
-    """A file from the data config: relative paths are taken inside `corpora_dir`. Missing or empty files fail."""
+def resolve_corpus_path(
+    path: str | os.PathLike,
+    corpora_dir: str | os.PathLike | None,
+    key: str = "",
+    download: dict[str, Any] | None = None,
+) -> Path:
+    """A file from the data config: relative paths are taken inside `corpora_dir`. Missing or empty files fail.
+
+    With `download` (data.download: {url, dir}), a relative file the corpora folder does not hold is taken from the
+    download folder, fetched there first if needed (data/download.py): a mirror at `url`, else the file's public
+    source if it has one."""
     where = f" ({key})" if key else ""
+    put_here = "set CORPORA_DIR or data.corpora_dir=... to the folder holding the corpora"
     path = Path(path).expanduser()
     if not path.is_absolute():
         if corpora_dir is None:
             raise CorpusFileNotFoundError(
-                f"corpus file {path}{where} is a relative path but no corpora folder is configured: "
-                "set CORPORA_DIR or data.corpora_dir=... to the folder holding the corpora"
+                f"corpus file {path}{where} is a relative path but no corpora folder is configured: {put_here}"
             )
-        path = Path(corpora_dir).expanduser() / path
+        relative, path = path, Path(corpora_dir).expanduser() / path
+        if not path.is_file() and download and download.get("dir"):
+            path = _downloaded(relative, path, corpora_dir, where, download)
     if not path.is_file():
         raise CorpusFileNotFoundError(
-            f"corpus file not found: {path}{where} (looked in corpora folder {corpora_dir}); "
-            "set CORPORA_DIR or data.corpora_dir=... to the folder holding the corpora"
+            f"corpus file not found: {path}{where} (looked in corpora folder {corpora_dir}); {put_here}"
         )
     if path.stat().st_size == 0:
         raise EmptyCorpusFileError(f"corpus file {path}{where} is empty (0 bytes); point the data config at the data")
     return path
+
+
+def _downloaded(relative: Path, path: Path, corpora_dir: Any, where: str, download: dict[str, Any]) -> Path:
+    """The file `relative` from data.download.dir, fetched on first use; `path` (its place in the corpora folder) if it
+    has no source. A failed fetch: one line naming the corpora folder's file, where to put it, and what failed."""
+    from data.download import DownloadError, can_download, fetch, mirror_url
+
+    name, mirror = relative.as_posix(), mirror_url(download.get("url"))
+    if not can_download(name, mirror):
+        return path
+    try:
+        return fetch(name, download["dir"], mirror)
+    except DownloadError as err:
+        raise CorpusFileNotFoundError(
+            f"corpus file not found: {path}{where}, and downloading it failed ({err}); put the corpora in a folder "
+            f"and set CORPORA_DIR (or paths.corpora_dir=...) to it, or data.download.url=... to a mirror of that "
+            f"folder (README: 'Corpora')"
+        ) from None
 
 
 def parse_split(split: str, spec: Any, cfg: dict[str, Any]) -> list[Source]:
@@ -117,6 +150,7 @@ def parse_split(split: str, spec: Any, cfg: dict[str, Any]) -> list[Source]:
 
 def _parse_one(key: str, label: str, spec: Any, cfg: dict[str, Any]) -> Source:
     corpora_dir = cfg.get("corpora_dir") or os.environ.get("CORPORA_DIR")
+    download = cfg.get("download")  # data.download: where missing corpus files are fetched from (data/download.py)
     layouts = "{src: .., tgt: ..}, {tsv: ..}, {jsonl: ..}, {parquet: ..} or {hub: ..} (see data/sources.py)"
     if not isinstance(spec, dict):
         raise SourceConfigError(f"{key} must be one of {layouts}, got {spec!r}")
@@ -143,7 +177,7 @@ def _parse_one(key: str, label: str, spec: Any, cfg: dict[str, Any]) -> Source:
     kinds = [k for k in FILE_KINDS if k in spec]
     if len(kinds) == 1:
         kind = kinds[0]
-        path = resolve_corpus_path(spec[kind], corpora_dir, f"{key}.{kind}")
+        path = resolve_corpus_path(spec[kind], corpora_dir, f"{key}.{kind}", download)
         if kind == "tsv":
             options = {"src_col": int(spec.get("src_col", 0)), "tgt_col": int(spec.get("tgt_col", 1))}
         else:
@@ -153,7 +187,9 @@ def _parse_one(key: str, label: str, spec: Any, cfg: dict[str, Any]) -> Source:
         for side in ("src", "tgt"):
             if side not in spec:
                 raise SourceConfigError(f"{key} has no '{side}' file (it needs both 'src' and 'tgt')")
-        files = {side: resolve_corpus_path(spec[side], corpora_dir, f"{key}.{side}") for side in ("src", "tgt")}
+        files = {
+            side: resolve_corpus_path(spec[side], corpora_dir, f"{key}.{side}", download) for side in ("src", "tgt")
+        }
         return Source(key, label, "text", files)
     raise SourceConfigError(f"{key} must be one of {layouts}, got keys {sorted(spec)}")
 

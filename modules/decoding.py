@@ -104,12 +104,14 @@ def translate_ids(
     max_tokens: int,
     device: torch.device | str,
     precision: str = "32-true",
+    progress: Callable[[int], None] | None = None,
 ) -> list[list[Hypothesis]]:
     """Decode every source (ids without <eos>) in length-sorted batches of at most max_tokens padded tokens; each
     sentence's hypotheses (best first) come back in input order.
 
     precision "bf16-mixed" runs the model under bf16 autocast, as training does (the search's log-softmax and scores
-    stay float32); "32-true": float32 throughout.
+    stay float32); "32-true": float32 throughout. progress, if given, is called with each batch's number of
+    sentences once the batch is decoded (pipeline/progress.py's Progress.update).
     """
     if precision not in ("32-true", "bf16-mixed"):
         raise ValueError(f"decoding precision must be 32-true or bf16-mixed, got {precision!r} (evaluate.precision)")
@@ -126,4 +128,6 @@ def translate_ids(
             results = search(model, src.to(device))
         for i, hyp in zip(batch, results, strict=True):
             hyps[i] = hyp
+        if progress is not None:
+            progress(len(batch))
     return hyps

@@ -20,6 +20,10 @@ from modules.schedule import inverse_sqrt_scheduler
 from modules.transformer import Transformer
 
 
+class TrainingDiverged(RuntimeError):
+    """Training stopped: the loss or its gradient stayed non-finite (TranslationModule._skip_if_not_finite)."""
+
+
 class TranslationModule(L.LightningModule):
     """Trains a Transformer on token batches (section 5).
 
@@ -50,9 +54,11 @@ class TranslationModule(L.LightningModule):
         val_alpha: float = 0.6,
         kernels: str = "auto",
         compile: bool | str = False,
+        max_skipped_updates: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["kernels", "compile"])  # how to compute, not what: chosen where it runs
+        # How to compute and when to stop, not what is computed: chosen by whoever runs the model.
+        self.save_hyperparameters(ignore=["kernels", "compile", "max_skipped_updates"])
         self.model_cfg = TransformerConfig.from_dict(dict(model))
         self.optim_cfg = dict(optim)
         if compile not in (True, False, "auto"):
@@ -61,6 +67,8 @@ class TranslationModule(L.LightningModule):
         self.model = Transformer(self.model_cfg, select_kernels(kernels, "cpu"))  # built on the CPU
         self.features = self.model.features  # (src, tgt_in) -> decoder output; compiled by use_device if asked
         self.criterion = LabelSmoothedCrossEntropy(self.optim_cfg["label_smoothing"], self.model_cfg.pad_id)
+        self.max_skipped_updates = max_skipped_updates  # None: gradients are not checked
+        self.skipped_in_a_row = 0
         self.n_samples = n_samples
         self.bleu_sentences = bleu_sentences
         try:
@@ -128,8 +136,30 @@ class TranslationModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:  # none under DeepSpeed: see on_train_batch_end
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        if not grads:  # none under DeepSpeed: see on_train_batch_end
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        self.log("train/grad_norm", norm)
+        if self.max_skipped_updates is not None:
+            self._skip_if_not_finite(norm)
+
+    def _skip_if_not_finite(self, norm: torch.Tensor) -> None:
+        """An update whose gradient is not finite (the loss or its gradient overflowed) is skipped: every gradient
+        is dropped, so Adam leaves those parameters and its moments as they are. Past max_skipped_updates such
+        updates in a row, training has diverged and stops with TrainingDiverged. Reading the norm back is one wait
+        for the device per update, the price of never applying a NaN (fairseq checks the same way)."""
+        if bool(torch.isfinite(norm)):
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_in_a_row += 1
+        for p in self.parameters():
+            p.grad = None
+        if self.skipped_in_a_row > self.max_skipped_updates:
+            raise TrainingDiverged(
+                f"training diverged at step {self.global_step}: the loss or gradient was not finite in "
+                f"{self.skipped_in_a_row} updates in a row (train.max_skipped_updates={self.max_skipped_updates}); "
+                "lower the learning rate (optim.lr_scale) or resume from an earlier checkpoint"
+            )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # DeepSpeed (ZeRO 1, 2 and 3) reduces the gradients into its optimizer's own, partitioned buffers and leaves

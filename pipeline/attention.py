@@ -14,9 +14,8 @@ keys across). Written to attention.output_dir, by default <run.dir>/attention/<s
     weights.npz      the drawn arrays, "<kind>.layer<k>" each (heads, queries, keys), with the pieces and ids
 
 Layer k is model.encoder/decoder.layers[k-1]. The model is the one `aiayn evaluate` uses (evaluate.checkpoint,
-else <run.dir>/averaged.ckpt, else checkpoints/last.ckpt); pass the overrides the run was trained with, so the
-prepared data (its BPE model) is found. The same figures are logged to W&B at each validation
-(pipeline/callbacks.py, AttentionImages).
+else <run.dir>/averaged.ckpt, else checkpoints/last.ckpt), with the run folder's BPE model (pipeline/runs.py). The
+same figures are logged to W&B at each validation (pipeline/callbacks.py, AttentionImages).
 
 Figures are matplotlib `Figure` objects with an Agg canvas, made without pyplot: pyplot keeps every figure in a
 global registry until plt.close, a leak in a long training run; these are freed like any object, and no display
@@ -42,7 +41,7 @@ from data.tokenizer import Tokenizer
 from modules.attention_maps import KINDS, AttentionMaps, pair_attention
 from modules.search import greedy_search
 from modules.transformer import Transformer
-from pipeline.inference import load_for_inference
+from pipeline.inference import check_bpe_model, check_vocabulary, load_model, load_tokenizer
 from pipeline.runs import require_run_dir, resolve_checkpoint
 
 TITLES = {
@@ -186,8 +185,10 @@ def write_attention(att: SentenceAttention, out_dir: Path) -> list[Path]:
 def main(cfg: DictConfig, sentence: str, target: str | None = None) -> list[Path]:
     run_dir = require_run_dir(cfg, "attention")
     checkpoint_path = resolve_checkpoint(cfg, run_dir)
-    model, checkpoint, datamodule = load_for_inference(cfg, checkpoint_path, "attention")
-    tokenizer = datamodule.tokenizer
+    model, checkpoint = load_model(checkpoint_path)
+    tokenizer = load_tokenizer(cfg, run_dir)
+    check_vocabulary(model, tokenizer, checkpoint_path, "attention")
+    check_bpe_model(checkpoint, tokenizer, checkpoint_path)
     att = sentence_attention(model, tokenizer, sentence, target, max_extra=int(cfg.evaluate.max_extra))
     chosen = cfg.attention.get("output_dir")
     out_dir = Path(chosen).expanduser() if chosen else run_dir / "attention" / slug(sentence, target)

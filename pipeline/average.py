@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from pipeline.checkpoints import CheckpointRef, load_checkpoint, run_checkpoints, save_atomic
 from pipeline.errors import RunFolderError
-from pipeline.runs import AVERAGED_NAME, require_run_dir
+from pipeline.runs import AVERAGED_NAME, DATASET_KEY, require_run_dir
 
 
 def average_state_dicts(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -79,7 +79,7 @@ def average_run(run_dir: Path, last_n: int, log=print) -> Path:
     """Average the newest `last_n` checkpoints of run_dir/checkpoints into run_dir/averaged.ckpt; returns its path."""
     if last_n < 1:
         raise RunFolderError(f"average.last_n={last_n}: must be at least 1")
-    checkpoints = run_checkpoints(run_dir / "checkpoints")
+    checkpoints = run_checkpoints(run_dir / "checkpoints", log=log)
     if not checkpoints:
         raise RunFolderError(f"no checkpoints in {run_dir / 'checkpoints'}: train first, then average")
     selected = checkpoints[-last_n:]
@@ -106,7 +106,9 @@ def average_run(run_dir: Path, last_n: int, log=print) -> Path:
     checkpoint = {
         "state_dict": averaged,
         # What LightningModule.load_from_checkpoint needs to rebuild the model: its constructor arguments.
-        **{k: newest[k] for k in ("hyper_parameters", "pytorch-lightning_version", "epoch") if k in newest},
+        **{
+            k: newest[k] for k in ("hyper_parameters", "pytorch-lightning_version", "epoch", DATASET_KEY) if k in newest
+        },
         "global_step": selected[-1].global_step,
         "averaged_from": [ref.record() for ref in selected],
     }

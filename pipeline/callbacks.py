@@ -4,18 +4,25 @@ utilization and memory, logged every `trainer.log_every_n_steps` steps without m
 Lightning's own ThroughputMonitor and DeviceStatsMonitor do not fit: the first wants a fixed FLOPs count per batch
 (token batches vary in shape) and knows no CPU peak; the second reports machine-wide CPU use, not this process's
 memory, and on GPUs dumps every allocator counter.
+
+RunProgress is the run's progress bar: one bar for the run on a terminal, a plain line every logging interval and
+after each validation elsewhere (a SLURM log), pipeline/progress.py's format.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from tqdm.auto import tqdm
 
 from pipeline import preemption
 from pipeline.costs import (
@@ -25,6 +32,7 @@ from pipeline.costs import (
     model_flops_utilization,
     training_flops_per_target_token,
 )
+from pipeline.progress import clock, is_terminal
 
 
 def _logging_step(trainer: L.Trainer) -> bool:
@@ -110,11 +118,19 @@ class TokenThroughput(L.Callback):
 
 
 class RunStart(L.Callback):
-    """Records and prints the step training starts from: 0 for a fresh run, the checkpoint's step after a resume."""
+    """Records and prints the step training starts from: 0 for a fresh run, the checkpoint's step after a resume;
+    and, in place of Lightning's model summary table (whose FLOPs column reads 0 for a model without an
+    example_input_array), one line of the model's trainable parameters."""
 
     def __init__(self, resumed_from: str | None = None) -> None:
         self.resumed_from = resumed_from
         self.start_step: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before the strategy wraps the model: ZeRO-3 would leave partitioned (empty) parameters to count.
+        model = getattr(pl_module, "model", None)
+        if stage == "fit" and hasattr(model, "parameter_counts"):
+            rank_zero_info(model_line(type(model).__name__, model.parameter_counts()))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start_step = trainer.global_step
@@ -123,6 +139,13 @@ class RunStart(L.Callback):
         attempt = f" (SLURM job {job}, restart {restarts})" if job else ""
         origin = f"resumed from {self.resumed_from}" if self.resumed_from else "fresh"
         rank_zero_info(f"training starts at step {self.start_step}: {origin}{attempt}")
+
+
+def model_line(name: str, counts: dict[str, int]) -> str:
+    """Transformer.parameter_counts() in one line: 'model: Transformer, 7,577,600 trainable parameters (embedding
+    2,048,000, encoder 2,369,280, decoder 3,160,320)'."""
+    parts = ", ".join(f"{part} {n:,}" for part, n in counts.items() if part != "params")
+    return f"model: {name}, {counts['params']:,} trainable parameters ({parts})"
 
 
 class RequeueOnPreemption(L.Callback):
@@ -249,3 +272,196 @@ class AttentionImages(L.Callback):
                 logger.log_image(
                     key=f"val/attention/{kind}", images=figures, step=trainer.global_step, caption=captions[kind]
                 )
+
+
+# The training metrics a train line shows, as the LightningModule and TokenThroughput log them: (metric, field
+# name, format).
+TRAIN_FIELDS = (
+    ("train/loss", "loss", "{:.3f}"),
+    ("train/ppl", "ppl", "{:.1f}"),
+    ("train/lr", "lr", "{:.3g}"),
+    ("train/grad_norm", "gnorm", "{:.3f}"),
+    ("train/tgt_tokens_per_sec", "tok/s", "{:.0f}"),
+)
+VALID_FIELDS = (("val/loss", "loss", "{:.3f}"), ("val/ppl", "ppl", "{:.1f}"), ("val/bleu", "bleu", "{:.2f}"))
+
+
+@rank_zero_only
+def announce(text: str) -> None:
+    """One line on stdout, on global rank 0 only, flushed: where a SLURM log shows it at once."""
+    print(text, flush=True)
+
+
+class RunProgress(ProgressBar):
+    """Lightning's progress bar for a whole training run: step / max_steps, loss, tokens/s, elapsed time and ETA.
+
+    On a terminal (of `stream`: stdout unless given) one tqdm bar counts optimizer steps from the step training
+    starts at to trainer.max_steps, with a second, passing bar for each validation's batches; off a terminal, a
+    plain line (pipeline/progress.py's docstring) every `every_n_steps` optimizer steps (None:
+    trainer.log_every_n_steps, the steps at which metrics are logged, so the values are those the loggers get) and
+    one after each validation. Metric values are read only at those steps: reading a logged tensor waits for the
+    device. Global rank 0 only (Lightning disables the bar on the other ranks).
+    """
+
+    def __init__(self, every_n_steps: int | None = None, stream: IO[str] | None = None) -> None:
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self._stream = stream
+        self._enabled = True
+        self._bar: tqdm | None = None
+        self._val_bar: tqdm | None = None
+        self._fields: dict[str, str] = {}  # the training metrics at the last logging step, formatted
+        self._start_time: float | None = None  # set when training starts (none for a lone trainer.validate)
+        self._start_step = 0
+        self._shown_step = -1
+
+    @property
+    def stream(self) -> IO[str]:
+        return self._stream if self._stream is not None else sys.stdout
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def is_disabled(self) -> bool:
+        return not self._enabled
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def print(self, *args: Any, sep: str = " ", end: str = "\n", **kwargs: Any) -> None:
+        """Lightning's `self.print` (validation samples): above the bar on a terminal, a plain print elsewhere."""
+        text = sep.join(str(arg) for arg in args)
+        if self._bar is not None:
+            tqdm.write(text, file=self.stream, end=end)
+        else:
+            print(text, end=end, file=self.stream, flush=True)
+
+    # --- the numbers ---------------------------------------------------------------------------------------------
+
+    def _every(self, trainer: L.Trainer) -> int:
+        return max(int(self.every_n_steps or trainer.log_every_n_steps or 1), 1)
+
+    def _step(self, trainer: L.Trainer) -> str:
+        total = trainer.max_steps
+        return f"step {trainer.global_step}/{total}" if total and total > 0 else f"step {trainer.global_step}"
+
+    def eta(self, trainer: L.Trainer, now: float) -> float | None:
+        """Seconds until training ends: to max_steps at the rate since the start, or to max_time if sooner."""
+        etas: list[float] = []
+        if self._start_time is None:
+            return None
+        done, elapsed = trainer.global_step - self._start_step, now - self._start_time
+        if trainer.max_steps and trainer.max_steps > 0 and done > 0 and elapsed > 0:
+            etas.append(max(trainer.max_steps - trainer.global_step, 0) * elapsed / done)
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # Lightning's, for max_time
+        remaining = timer.time_remaining() if timer is not None else None
+        if remaining is not None:
+            etas.append(max(remaining, 0.0))
+        return min(etas) if etas else None
+
+    def _times(self, trainer: L.Trainer) -> list[str]:
+        if self._start_time is None:
+            return []
+        now = time.monotonic()
+        fields = [f"elapsed {clock(now - self._start_time)}"]
+        eta = self.eta(trainer, now)
+        if eta is not None:
+            fields.append(f"eta {clock(eta)}")
+        return fields
+
+    @staticmethod
+    def _metrics(trainer: L.Trainer, table: tuple[tuple[str, str, str], ...]) -> dict[str, str]:
+        metrics = trainer.callback_metrics
+        return {name: fmt.format(float(metrics[key])) for key, name, fmt in table if key in metrics}
+
+    def train_line(self, trainer: L.Trainer) -> str:
+        fields = [f"{name} {value}" for name, value in self._fields.items()]
+        return " | ".join(["train", self._step(trainer), *fields, *self._times(trainer)])
+
+    def valid_line(self, trainer: L.Trainer) -> str:
+        fields = [f"{name} {value}" for name, value in self._metrics(trainer, VALID_FIELDS).items()]
+        return " | ".join(["valid", self._step(trainer), *fields, *self._times(trainer)])
+
+    # --- the hooks -----------------------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_time, self._start_step = time.monotonic(), trainer.global_step
+        self._shown_step, self._fields = trainer.global_step, {}
+        if self.is_disabled or not is_terminal(self.stream):
+            return
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        counted = "{n_fmt}/{total_fmt} {percentage:3.0f}%|{bar:20}|" if total else "{n_fmt} |"
+        self._bar = tqdm(
+            total=total,
+            initial=trainer.global_step,
+            file=self.stream,
+            bar_format=f"train {counted} {{desc}}",
+            dynamic_ncols=True,
+        )
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.is_disabled or step == self._shown_step:  # inside a gradient accumulation: no new step yet
+            return
+        self._shown_step = step
+        report = step % self._every(trainer) == 0
+        if report:
+            self._fields = self._metrics(trainer, TRAIN_FIELDS)
+        if self._bar is not None:
+            fields = [f"{name} {value}" for name, value in self._fields.items()]
+            self._bar.set_description_str(" | ".join([*fields, *self._times(trainer)]), refresh=False)
+            self._bar.update(step - self._bar.n)
+        elif report:
+            print(self.train_line(trainer), file=self.stream, flush=True)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.is_disabled or trainer.sanity_checking or self._bar is None:
+            return
+        batches = trainer.num_val_batches
+        total = sum(batches) if isinstance(batches, list) else batches
+        known = total != float("inf")
+        self._val_bar = tqdm(
+            total=total if known else None,
+            leave=False,
+            file=self.stream,
+            bar_format=f"valid {{n_fmt}}{'/{total_fmt}' if known else ''} batches | elapsed {{elapsed}}",
+        )
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._val_bar is not None:
+            self._val_bar.update(1)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._val_bar is not None:
+            self._val_bar.close()
+            self._val_bar = None
+        if self.is_disabled or trainer.sanity_checking:
+            return
+        self.print(self.valid_line(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        for bar in (self._val_bar, self._bar):
+            if bar is not None:
+                bar.close()
+        self._val_bar = self._bar = None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,12 +127,17 @@ def checkpoint_ref(path: Path) -> CheckpointRef:
     return CheckpointRef(path=path, global_step=int(meta["global_step"]), mtime=_mtime(path))
 
 
-def run_checkpoints(checkpoint_dir: Path) -> list[CheckpointRef]:
-    """The distinct checkpoints of a run, oldest first (by global step).
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)  # stdout may be the command's output (translations)
+
+
+def run_checkpoints(checkpoint_dir: Path, log: Callable[[str], None] = _warn) -> list[CheckpointRef]:
+    """The distinct checkpoints of a run that can be read, oldest first (by global step).
 
     last.ckpt (or last-v1.ckpt, ...) is a copy of the newest step checkpoint: it counts only when it holds a step
     no other checkpoint holds (e.g. when older step checkpoints were deleted). Two files of the same step are one
-    checkpoint (the step-named one is kept).
+    checkpoint (the step-named one is kept). A file that cannot be read (cut short by a crash outside the atomic
+    write, or a copy that did not finish) is passed over, and `log` says so.
     """
     if not checkpoint_dir.is_dir():
         raise RunFolderError(f"no checkpoints folder {checkpoint_dir}: train first (`aiayn train run.dir=...`)")
@@ -139,9 +146,27 @@ def run_checkpoints(checkpoint_dir: Path) -> list[CheckpointRef]:
     paths.sort(key=lambda p: (p.name.startswith("last"), p.name))
     by_step: dict[int, CheckpointRef] = {}
     for path in paths:
-        ref = checkpoint_ref(path)
+        try:
+            ref = checkpoint_ref(path)
+        except RunFolderError as error:
+            log(f"passing over {path.name}: {error}")
+            continue
         by_step.setdefault(ref.global_step, ref)
     return [by_step[step] for step in sorted(by_step)]
+
+
+def readable_or_newest(path: Path, log: Callable[[str], None] = _warn) -> Path:
+    """path if it can be read as a checkpoint, else the newest readable checkpoint of its folder (a last.ckpt cut
+    short falls back to the newest step checkpoint beside it), said in one line; the error if there is none."""
+    try:
+        checkpoint_ref(path)
+        return path
+    except RunFolderError as error:
+        others = [ref for ref in run_checkpoints(path.parent, log=lambda _: None) if ref.path != path]
+        if not others:
+            raise
+        log(f"{error}; using the newest checkpoint that can be read instead: {others[-1].path.name}")
+        return others[-1].path
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

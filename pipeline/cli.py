@@ -26,7 +26,14 @@
                                       jobs chained by afterok (cluster=slurm) or run here in order (cluster=local)
                                       (pipeline/stages.py)
 
+    aiayn --version                   the installed package's version
+    aiayn <command> --help            what the command does and the config keys it reads
+
 Overrides are Hydra's: `model=base`, `trainer.max_steps=50`, `data.max_tokens=2048`, ...
+Before a command starts, the config is checked once (pipeline/validate.py): the keys it reads, their types and
+ranges, and keys that must agree. A mistake is one line, `aiayn <command>: <key>=<value>: <what is wrong>; <the
+fix>`, and exit code 2; nothing has been written then (no run folder). A bad corpus or run folder is one line and
+exit code 1. Output piped into a reader that stops early (`aiayn plan | head`) ends the command quietly.
 Sentences are not overrides (Hydra's grammar gives commas, quotes and brackets a meaning): `aiayn attention` takes
 its sentence as the first argument, quoted once for the shell, and a target as --target.
 """
@@ -34,15 +41,18 @@ its sentence as the first argument, quoted once for the shell, and a target as -
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+from pathlib import Path
+from typing import NoReturn
 
-from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipeline.cluster import ClusterConfigError
-from pipeline.config import load_config, output_dir
-from pipeline.host import set_torch_environment
+from pipeline.config import output_dir
+from pipeline.host import quiet_known_warnings, set_torch_environment
+from pipeline.validate import ConfigError, describe_reads, load_checked, validate
 
 
 def _train(cfg) -> dict:
@@ -67,11 +77,9 @@ def _submit(cfg, overrides: list[str], dry_run: bool) -> None:
     print(f"submitted job {submitted.job_id}: {job.aiayn_command}\nlog: {submitted.paths.stdout}")
 
 
-def _run(cfg, overrides: list[str], dry_run: bool) -> None:
+def _run(cfg, overrides: list[str]) -> None:
     from pipeline.stages import run_graph
 
-    if dry_run:
-        sys.exit("aiayn run: --dry-run is not supported; `aiayn submit --dry-run` prints the training job's script")
     run_graph(cfg, overrides)
 
 
@@ -135,6 +143,12 @@ def _translate(cfg) -> None:
     main(cfg)
 
 
+def _export(cfg) -> None:
+    from pipeline.export import main
+
+    main(cfg)
+
+
 def _attention(cfg, sentence: str, target: str | None) -> None:
     from pipeline.attention import main
 
@@ -155,26 +169,82 @@ COMMANDS = {
     "average": (_average, "average the newest average.last_n checkpoints of run.dir into <run.dir>/averaged.ckpt"),
     "evaluate": (_evaluate, "beam-search evaluate.split with a run's model; sacreBLEU, chrF and the paper's BLEU"),
     "translate": (_translate, "translate text (translate.input: a file, stdin, or a prompt) with a run's model"),
+    "export": (_export, "a run's model as safetensors + config.json + spm.model, for `translate model_dir=`"),
     "attention": (_attention, "heatmaps of every layer's attention weights for one sentence, in run.dir/attention/"),
     "config": (_config, "print the resolved configuration"),
     "submit": (_submit, "submit `aiayn train` as a SLURM job (cluster=slurm); --dry-run prints the sbatch script"),
     "run": (_run, "the stage graph prepare -> train -> average -> evaluate: SLURM jobs chained by afterok, or here"),
 }
-# Commands that also get the raw overrides (to pass on to their jobs) and the --dry-run flag.
+# Commands on a trained run: they read its folder's config.yaml, the command line adding only what it may change.
+RUN_FOLDER_COMMANDS = ("average", "evaluate", "translate", "attention", "export")
+# Commands that also get the raw overrides (to pass on to their jobs); those that take --dry-run.
 JOB_COMMANDS = ("submit", "run")
+DRY_RUN_COMMANDS = ("submit",)
 # Commands that take a sentence (first positional argument, before the overrides) and a --target translation.
 SENTENCE_COMMANDS = ("attention",)
 # What an override looks like (key=value, +key=value, ~key=value): in the sentence's place, a misplaced sentence.
 OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")
 
 
+class UserError(SystemExit):
+    """A command refused with one line on stderr: exits with `code` (2: a config mistake), str() is that line."""
+
+    def __init__(self, code: int, line: str) -> None:
+        super().__init__(code)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def _refuse(command: str, err: Exception, code: int = 2) -> NoReturn:
+    line = f"aiayn {command}: {err}"
+    print(line, file=sys.stderr)
+    raise UserError(code, line) from None
+
+
+def _started(cfg) -> bool:
+    """run.dir holds a run that started before (its config.yaml)."""
+    from pipeline.runs import CONFIG_NAME
+
+    return bool(cfg.run.get("dir")) and (Path(cfg.run.dir).expanduser() / CONFIG_NAME).is_file()
+
+
+def version() -> str:
+    """The installed package's version, else pyproject.toml's (a checkout that was never installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("aiayn")
+    except PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.MULTILINE)
+        return match.group(1) if match else "unknown"
+
+
 def main(argv: list[str] | None = None) -> None:
+    """`aiayn`. Output piped into a reader that stops early (`aiayn plan | head`) ends it quietly, as the Python
+    documentation's note on SIGPIPE does it (library/signal.html): the rest of stdout goes to devnull, exit code 1."""
+    try:
+        _main(argv)
+        sys.stdout.flush()  # here, so that a broken pipe surfaces inside the try, not at interpreter exit
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _main(argv: list[str] | None) -> None:
     set_torch_environment()  # before anything imports torch (pipeline/host.py)
+    quiet_known_warnings()  # the third-party warnings known to be harmless here (pipeline/host.py)
     parser = argparse.ArgumentParser(
         prog="aiayn",
         description="The Transformer of 'Attention Is All You Need', from corpus to BLEU.",
-        epilog="Any config value can be overridden Hydra-style: aiayn train model=base trainer.max_steps=50",
+        epilog="Any config value can be overridden Hydra-style: aiayn train model=base trainer.max_steps=50. "
+        "`aiayn <command> --help` lists the keys a command reads.",
     )
+    parser.add_argument("--version", action="version", version=f"aiayn {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}  # "data" of "data stats"
     for name, (_, help_text) in COMMANDS.items():
@@ -183,12 +253,17 @@ def main(argv: list[str] | None = None) -> None:
             groups[group] = sub.add_parser(group, help=f"{group} tools").add_subparsers(
                 dest="action", required=True, metavar="ACTION"
             )
-        cmd = (groups[group] if group else sub).add_parser(action, help=help_text)
+        cmd = (groups[group] if group else sub).add_parser(
+            action,
+            help=help_text,
+            description=help_text[0].upper() + help_text[1:] + ".",
+            epilog=f"Config keys it reads, checked before it starts: {describe_reads(name)}.",
+        )
         if action in SENTENCE_COMMANDS:
             cmd.add_argument("sentence", help='the source sentence, quoted: "A man rides a bike."')
             cmd.add_argument("--target", help="the target side to draw (default: the model's greedy translation)")
         cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=base trainer.max_steps=50")
-        if action in JOB_COMMANDS:
+        if name in DRY_RUN_COMMANDS:
             cmd.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     # argparse ends a positional list at an option: in `aiayn attention "A man." run.dir=r --target "Ein Mann."
@@ -205,23 +280,32 @@ def main(argv: list[str] | None = None) -> None:
             f"[overrides...] (got the override {args.sentence!r} in its place)\n",
         )
     try:
-        cfg = load_config(args.overrides)
-    except ConfigCompositionException as err:  # a bad override: say which, without a Hydra traceback
-        cause = f" ({err.__cause__})" if err.__cause__ else ""
-        parser.exit(2, f"aiayn {command}: {err}{cause}\n")
-    except ClusterConfigError as err:  # cluster and trainer layouts that disagree
-        parser.exit(2, f"aiayn {command}: {err}\n")
-    extra = {"overrides": list(args.overrides), "dry_run": args.dry_run} if command in JOB_COMMANDS else {}
+        cfg = load_checked(args.overrides)  # a bad override (grammar, unknown key or group option): one line
+    except (ConfigError, ClusterConfigError) as err:  # ClusterConfigError: cluster and trainer layouts disagree
+        _refuse(command, err)
+    extra = {"overrides": list(args.overrides)} if command in JOB_COMMANDS else {}
+    if command in DRY_RUN_COMMANDS:
+        extra["dry_run"] = args.dry_run
     if command in SENTENCE_COMMANDS:
         extra = {"sentence": args.sentence, "target": args.target}
     try:
+        if command in RUN_FOLDER_COMMANDS or (command == "train" and cfg.run.get("resume")):
+            from pipeline.runs import with_run_config
+
+            cfg = with_run_config(cfg, list(args.overrides))  # the run folder's own config, with these overrides
+        # The keys this command reads, before it starts (pipeline/validate.py); a training run that started before
+        # keeps its own settings.
+        validate(cfg, command, started=command == "train" and _started(cfg))
         COMMANDS[command][0](cfg, **extra)
+    except ConfigError as err:
+        _refuse(command, err)
     except Exception as err:
         # A bad corpus, config key or run folder: one line that names the file/key, no traceback.
         from data.errors import DataError
+        from modules.lightning import TrainingDiverged
         from pipeline.errors import RunFolderError
 
-        if not isinstance(err, (DataError, RunFolderError)):
+        if not isinstance(err, (DataError, RunFolderError, TrainingDiverged)):
             raise
         parser.exit(1, f"aiayn {command}: {err}\n")
 

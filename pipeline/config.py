@@ -32,7 +32,10 @@ if not OmegaConf.has_resolver("aiayn.accelerator"):
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose conf/config.yaml with Hydra overrides such as `model=base` or `trainer.max_steps=50`."""
+    """Compose conf/config.yaml with Hydra overrides such as `model=base` or `trainer.max_steps=50`.
+
+    Composition only: `aiayn` loads through pipeline/validate.py (load_checked, then validate for the command),
+    which turns a bad override or value into one line naming the key and the fix."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="aiayn"):
         cfg = compose(config_name="config", overrides=list(overrides))
     check_cluster(cfg)  # under a scheduler, trainer.devices/num_nodes must match the job's tasks

@@ -28,6 +28,7 @@ from modules.decoding import describe_search, translate_ids
 from pipeline.inference import load_for_inference, make_search, place_for_inference, prepared_split
 from pipeline.loggers import log_run_summary
 from pipeline.paper_bleu import tokenized_bleu
+from pipeline.progress import Progress
 from pipeline.runs import require_run_dir, resolve_checkpoint
 from pipeline.scores import score
 
@@ -50,7 +51,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     run_dir = require_run_dir(cfg, "evaluate")
     split = cfg.evaluate.split
     checkpoint_path = resolve_checkpoint(cfg, run_dir)
-    model, checkpoint, datamodule = load_for_inference(cfg, checkpoint_path, "evaluate")
+    model, checkpoint, datamodule = load_for_inference(cfg, checkpoint_path, "evaluate", run_dir)
     device = place_for_inference(model, cfg.device.kernels)
     sources, references = prepared_split(datamodule, split)
     tokenizer = datamodule.tokenizer
@@ -58,16 +59,18 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     search, decoding = make_search(cfg.evaluate, tokenizer.bos_id, tokenizer.eos_id)
     decoding["precision"] = cfg.evaluate.precision
     started = time.perf_counter()
-    nbest = translate_ids(
-        model,
-        sources,
-        search,
-        tokenizer.pad_id,
-        tokenizer.eos_id,
-        int(cfg.evaluate.max_tokens),
-        device,
-        cfg.evaluate.precision,
-    )
+    with Progress(total=len(sources), desc=f"evaluate {split}") as progress:  # a bar, or a line every few seconds
+        nbest = translate_ids(
+            model,
+            sources,
+            search,
+            tokenizer.pad_id,
+            tokenizer.eos_id,
+            int(cfg.evaluate.max_tokens),
+            device,
+            cfg.evaluate.precision,
+            progress=progress.update,
+        )
     hypotheses = tokenizer.decode([hyps[0].tokens for hyps in nbest])
     seconds = time.perf_counter() - started
 

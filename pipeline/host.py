@@ -1,13 +1,16 @@
 """Host settings for running the model on CPU: how the C allocator hands memory back, the page size torch's
-tensors get, and how many generated matmul kernels oneDNN keeps."""
+tensors get, and how many generated matmul kernels oneDNN keeps; and the third-party warnings known to be harmless
+here, silenced at startup."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import platform
 import sys
+import warnings
 
 # mallopt(3) parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -67,3 +70,56 @@ def set_torch_environment() -> bool:
     for name, value in TORCH_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
     return os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+
+
+# Third-party warnings that used to open every run, each known to be harmless here (why: beside it), silenced by
+# message, category and the module that warns, so that any other warning, from these libraries too, still shows:
+# (message regex, category, module regex).
+KNOWN_HARMLESS_WARNINGS = (
+    # Lightning 2.6 walks the data loaders it is given (CombinedLoader) with its own copy of torch's tree_flatten
+    # (lightning/pytorch/utilities/_pytree.py), which builds a LeafSpec, deprecated since torch 2.13. Lightning's
+    # code, not ours: it works the same until a Lightning release updates it.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+)
+# Lightning warns that `srun` is on the PATH but unused whenever a process starts without it. Outside a SLURM job
+# that is a machine with SLURM's tools installed training on its own (what `aiayn train` does there); the SLURM route
+# (`aiayn submit`, `aiayn run cluster=slurm`) starts every task under srun. Inside a job (SLURM_JOB_ID set, e.g. an
+# salloc shell) it may be a real mistake, and stays.
+SRUN_WARNING = (
+    r"The `srun` command is available on your system but is not used",
+    UserWarning,  # Lightning's PossibleUserWarning
+    r"lightning\.fabric\.plugins\.environments\.slurm",
+)
+# Lightning's info messages (its loggers, not warnings) that say nothing about the run: an advertisement printed by
+# every Trainer, and the echo of trainer.limit_val_batches=1.0, which conf/trainer/*.yaml passes explicitly (the
+# default: all validation batches). By their text's start.
+KNOWN_HARMLESS_MESSAGES = (
+    "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]",
+    "`Trainer(limit_val_batches=1.0)` was configured so 100% of the batches will be used.",
+)
+# Where Lightning's rank_zero_info logs (lightning.pytorch's import points lightning_utilities' logger at its own).
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def quiet_known_warnings() -> None:
+    """Silence KNOWN_HARMLESS_WARNINGS (and SRUN_WARNING outside a SLURM job) and Lightning's
+    KNOWN_HARMLESS_MESSAGES, each by its text, for the rest of the process: `aiayn` calls this at startup. Imports
+    nothing (the filters wait for the libraries). Warning options given to Python (-W, PYTHONWARNINGS) win: with
+    any, no warning filter is added."""
+    if not sys.warnoptions:
+        known = [*KNOWN_HARMLESS_WARNINGS, *([] if os.environ.get("SLURM_JOB_ID") else [SRUN_WARNING])]
+        for message, category, module in known:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name in LIGHTNING_INFO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(KNOWN_HARMLESS_MESSAGES))

@@ -14,6 +14,8 @@ from omegaconf import DictConfig
 
 from data import TranslationDataModule
 from data.clean import Cleaner
+from data.prepare import resolve_data_config
+from data.tokenizer import Tokenizer
 from modules.decoding import Decoding, Search, translate_ids
 from modules.kernels import select_kernels
 from modules.lightning import TranslationModule
@@ -22,6 +24,7 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.config import output_dir
 from pipeline.errors import RunFolderError
 from pipeline.host import reuse_freed_memory
+from pipeline.runs import DATASET_KEY, SPM_NAME, recorded_dataset
 
 
 def load_model(path: Path) -> tuple[Transformer, dict[str, Any]]:
@@ -58,19 +61,69 @@ def place_for_inference(model: Transformer, kernels: str) -> torch.device:
     return device
 
 
-def load_for_inference(cfg: DictConfig, checkpoint_path: Path, command: str) -> tuple[Transformer, dict, Any]:
+def load_for_inference(
+    cfg: DictConfig, checkpoint_path: Path, command: str, run_dir: Path | None = None
+) -> tuple[Transformer, dict, Any]:
     """The checkpoint's model (eval mode), the checkpoint, and the set-up data module of cfg.data, whose BPE model
-    reads and writes the model's token ids: `aiayn evaluate`, `translate` and `attention` all start here."""
+    reads and writes the model's token ids and whose prepared splits `aiayn evaluate` translates. A run folder that
+    recorded its BPE model (pipeline/runs.py) must have been trained with the one the data module has."""
     datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
     datamodule.setup()  # reads the prepared folder: a DatasetNotPreparedError says to run `aiayn prepare`
-    model, checkpoint = load_model(checkpoint_path)
-    if model.cfg.vocab_size != datamodule.tokenizer.vocab_size:
+    recorded = recorded_dataset(run_dir)
+    if recorded is not None and recorded.get("fingerprint") != datamodule.manifest.get("fingerprint"):
         raise RunFolderError(
-            f"{checkpoint_path} has model.vocab_size={model.cfg.vocab_size}, the BPE model of "
-            f"{datamodule.dataset_dir} has {datamodule.tokenizer.vocab_size}: run `aiayn {command}` with the "
-            "overrides the run was trained with (see the run folder's config.yaml)"
+            f"run.dir={run_dir} was trained on dataset {recorded.get('fingerprint')} ({recorded.get('dataset_dir')}), "
+            f"not on {datamodule.manifest.get('fingerprint')} ({datamodule.dataset_dir}): evaluate with the data the "
+            "run was trained on (drop the data overrides)"
         )
+    model, checkpoint = load_model(checkpoint_path)
+    check_vocabulary(model, datamodule.tokenizer, checkpoint_path, command)
+    check_bpe_model(checkpoint, datamodule.tokenizer, checkpoint_path, datamodule.manifest.get("fingerprint"))
     return model, checkpoint, datamodule
+
+
+def load_tokenizer(cfg: DictConfig, run_dir: Path | None) -> Tokenizer:
+    """The BPE model a run's model reads and writes: the run folder's copy (pipeline/runs.py), so that a run
+    translates without its dataset or corpora; for a run without one, the prepared dataset's of cfg.data."""
+    if run_dir is not None and (run_dir / SPM_NAME).is_file():
+        return Tokenizer(run_dir / SPM_NAME)
+    datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
+    datamodule.setup()
+    return datamodule.tokenizer
+
+
+def check_bpe_model(
+    checkpoint: dict[str, Any], tokenizer: Tokenizer, checkpoint_path: Path, fingerprint: str | None = None
+) -> None:
+    """A checkpoint that records the data and BPE model it was trained with (pipeline/train.py RecordDataset) only
+    meets those: another BPE model of the same size would decode every id to another piece, silently. With a
+    prepared dataset's fingerprint, the datasets are compared (the same corpus and settings give the same pieces);
+    else the BPE model files."""
+    recorded = checkpoint.get(DATASET_KEY)
+    if recorded is None:
+        return
+    if fingerprint is not None:
+        if recorded.get("fingerprint") != fingerprint:
+            raise RunFolderError(
+                f"{checkpoint_path} was trained on dataset {recorded.get('fingerprint')}, not on "
+                f"{fingerprint} ({tokenizer.model_path.parent}): evaluate with the data the run was trained on"
+            )
+        return
+    if recorded.get("spm_sha256") != tokenizer.sha256:
+        raise RunFolderError(
+            f"{checkpoint_path} was trained with the BPE model sha256 {recorded.get('spm_sha256')} (dataset "
+            f"{recorded.get('fingerprint')}), not {tokenizer.model_path} ({tokenizer.sha256}): use the run folder "
+            "it belongs to (run.dir=...)"
+        )
+
+
+def check_vocabulary(model: Transformer, tokenizer: Tokenizer, checkpoint_path: Path, command: str) -> None:
+    if model.cfg.vocab_size != tokenizer.vocab_size:
+        raise RunFolderError(
+            f"{checkpoint_path} has model.vocab_size={model.cfg.vocab_size}, the BPE model {tokenizer.model_path} "
+            f"has {tokenizer.vocab_size}: run `aiayn {command}` with the run's folder (run.dir=...), whose config "
+            "and BPE model it was trained with"
+        )
 
 
 def prepared_split(datamodule: Any, split: str) -> tuple[list[np.ndarray], list[str]]:
@@ -122,15 +175,22 @@ class Translator:
         return results
 
 
-def load_translator(cfg: DictConfig, checkpoint_path: Path) -> Translator:
-    """The translate.* settings' Translator for the model of checkpoint_path."""
-    model, _, datamodule = load_for_inference(cfg, checkpoint_path, "translate")
-    tokenizer = datamodule.tokenizer
+def load_translator(cfg: DictConfig, checkpoint_path: Path, run_dir: Path | None = None) -> Translator:
+    """The translate.* settings' Translator for the model of checkpoint_path, with the run's BPE model."""
+    model, checkpoint = load_model(checkpoint_path)
+    tokenizer = load_tokenizer(cfg, run_dir)
+    check_vocabulary(model, tokenizer, checkpoint_path, "translate")
+    check_bpe_model(checkpoint, tokenizer, checkpoint_path)
+    return translator_for(cfg, model, tokenizer, resolve_data_config(cfg.data)["clean"])
+
+
+def translator_for(cfg: DictConfig, model: Transformer, tokenizer: Tokenizer, clean: dict[str, Any]) -> Translator:
+    """A Translator of `model` on this machine's device, decoding as the translate.* keys ask."""
     device = place_for_inference(model, cfg.device.kernels)
     return Translator(
         model=model,
         tokenizer=tokenizer,
-        cleaner=Cleaner(datamodule.cfg.get("clean"), filters=False),
+        cleaner=Cleaner(clean, filters=False),
         search=make_search(cfg.translate, tokenizer.bos_id, tokenizer.eos_id, section="translate")[0],
         max_tokens=int(cfg.translate.max_tokens),
         precision=cfg.translate.precision,

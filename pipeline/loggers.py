@@ -9,13 +9,18 @@ One W&B run per training run: Lightning's WandbLogger creates it on global rank 
 `rank_zero_experiment`, its log_* methods `rank_zero_only`; other ranks get a dummy and write nothing). A run that
 continues (a requeued SLURM job, `run.resume=last`) reopens the same run id with resume="allow", so its metrics
 append to the same W&B run; offline, each start writes one more offline-run folder with that id.
+
+wandb is a dependency of the package; where it is missing all the same (an environment installed without it), W&B
+logging is skipped with a one-line warning and the run goes on with the CSV file.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import netrc
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,24 @@ def wandb_mode() -> str:
     except (FileNotFoundError, netrc.NetrcParseError):
         pass
     return "offline"
+
+
+def wandb_available() -> bool:
+    """Whether wandb can be imported; if not, says once (rank 0) that W&B is off and how to turn it on."""
+    if importlib.util.find_spec("wandb") is not None:
+        return True
+    _say_no_wandb()
+    return False
+
+
+@rank_zero_only
+def _say_no_wandb() -> None:
+    print(
+        "aiayn: W&B logging skipped: logger.wandb.enabled is true but wandb is not installed "
+        "(pip install wandb; logger.wandb.enabled=false silences this); metrics go to <run>/logs/metrics.csv",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def is_secret(key: object) -> bool:
@@ -98,7 +121,7 @@ def log_run_summary(cfg: DictConfig, run_dir: Path, values: dict[str, Any]) -> s
     """
     wb = cfg.logger.wandb
     mode = wandb_mode()
-    if not wb.enabled or mode == "disabled":
+    if not wb.enabled or mode == "disabled" or not wandb_available():
         return None
     import wandb
 
@@ -135,7 +158,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
     wb = cfg.logger.wandb
     mode = wandb_mode()
-    if wb.enabled and mode != "disabled":
+    if wb.enabled and mode != "disabled" and wandb_available():
         from lightning.pytorch.loggers import WandbLogger
 
         loggers.append(

@@ -25,6 +25,7 @@ from pipeline.costs import (
     training_flops_per_target_token,
 )
 from pipeline.params import count_parameters
+from pipeline.validate import precision_error
 
 
 class PlanConfigError(ValueError):
@@ -167,6 +168,9 @@ def make_plan(cfg: DictConfig) -> dict:
     )
 
     precision = str(cfg.trainer.precision)
+    refused = precision_error(precision, cluster.gpu)  # bf16 on a P100/V100: refused, not planned as if it ran
+    if refused is not None:
+        raise PlanConfigError(str(refused))
     sizes = state_bytes_for(precision)
     # The kernels training uses on this device (device.kernels, modules/kernels.py): they size the loss's memory.
     kernels = select_kernels(str(cfg.device.kernels), "cpu" if cluster.gpu == "cpu" else "cuda").name

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from data.manifest import is_complete
 from data.prepare import dataset_dir_for, prepare_dataset
 from pipeline.config import output_dir
+from pipeline.progress import Progress
 
 
 def main(cfg: DictConfig) -> Path:
@@ -17,6 +18,7 @@ def main(cfg: DictConfig) -> Path:
     if is_complete(dataset_dir):
         print(f"already prepared: {dataset_dir}")
         return dataset_dir
-    dataset_dir = prepare_dataset(cfg.data, output_dir(cfg))
+    # Pairs read for the BPE sample and encoded per split: a bar on a terminal, else a line every few seconds.
+    dataset_dir = prepare_dataset(cfg.data, output_dir(cfg), progress=Progress)
     print(dataset_dir)
     return dataset_dir

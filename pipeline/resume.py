@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from modules.lightning import TrainingDiverged
 from pipeline.checkpoints import save_atomic
 
 
@@ -202,9 +203,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     checkpoint to a memory buffer, then to a temporary file in the system's temp folder, then moves it: when that
     folder is on another filesystem than the run (node-local /tmp, shared checkpoints), the move is a copy, and a
     kill during the copy leaves a truncated checkpoint under the final name. Remote paths (s3://...) keep the default.
+    A checkpoint whose weights are not all finite is refused (TrainingDiverged).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        not_finite = [k for k, v in checkpoint.get("state_dict", {}).items() if not bool(torch.isfinite(v).all())]
+        if not_finite:  # a diverged model is never written, least of all over the last good checkpoint
+            raise TrainingDiverged(f"not writing {Path(path).name}: {not_finite[0]} holds non-finite values")
         if storage_options is not None or fsspec.utils.get_protocol(str(path)) != "file":
             super().save_checkpoint(checkpoint, path, storage_options)
             return

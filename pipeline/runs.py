@@ -7,15 +7,21 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from data.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from pipeline.checkpoints import readable_or_newest
 from pipeline.config import output_dir
 from pipeline.errors import RunFolderError
 
 AVERAGED_NAME = "averaged.ckpt"  # `aiayn average`'s output, in the run folder
 LAST_NAME = "last.ckpt"  # in <run>/checkpoints/: a copy of the newest checkpoint
-CONFIG_NAME = "config.yaml"  # the run's resolved configuration
+CONFIG_NAME = "config.yaml"  # the run's resolved configuration, written once
+SPM_NAME = "spm.model"  # a copy of the dataset's SentencePiece model: the run translates without the dataset
+DATASET_NAME = "dataset.json"  # the identity of the dataset the run trains on (data/manifest.py)
+DATASET_KEY = "aiayn_dataset"  # the same identity, in every checkpoint: {"fingerprint", "spm_sha256"}
 
 # The config sections whose values shape the trained model: the fingerprint of `aiayn run`'s run folder covers
 # exactly these (not run.*, paths.output_dir, logger.*, cluster.* scheduling knobs, plan.*, device.*).
@@ -27,13 +33,21 @@ def new_run_dir(cfg: DictConfig) -> Path:
     (not created here)."""
     if cfg.run.dir:
         return Path(cfg.run.dir).expanduser().resolve()
-    return output_dir(cfg) / "runs" / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return output_dir(cfg) / "runs" / f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_name(cfg: DictConfig) -> str:
+    """run.name as one folder name: no separators, no `..`, no control characters (it names a folder under
+    <output_dir>/runs and never one elsewhere)."""
+    name = str(cfg.run.name)
+    if not name or name in (".", "..") or any(c in name for c in "/\\") or any(ord(c) < 32 for c in name):
+        raise RunFolderError(f"run.name={name!r}: a run's name is one folder name (no /, no .., no control characters)")
+    return name
 
 
 def fingerprint(cfg: DictConfig) -> str:
-    """sha256 (first 10 hex digits) of the resolved TRAINING_KEYS sections."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    picked = {k: resolved.get(k) for k in TRAINING_KEYS}
+    """sha256 (first 10 hex digits) of the resolved TRAINING_KEYS sections, less where the files are."""
+    picked = training_settings(cfg)
     return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -42,7 +56,7 @@ def graph_run_dir(cfg: DictConfig) -> Path:
     the same config, so that running the same command again resumes or skips."""
     if cfg.run.dir:
         return Path(cfg.run.dir).expanduser().resolve()
-    return output_dir(cfg) / "runs" / f"{cfg.run.name}-{fingerprint(cfg)}"
+    return output_dir(cfg) / "runs" / f"{run_name(cfg)}-{fingerprint(cfg)}"
 
 
 def require_run_dir(cfg: DictConfig, command: str) -> Path:
@@ -82,7 +96,7 @@ def resolve_checkpoint(cfg: DictConfig, run_dir: Path | None, section: str = "ev
         )
     for path in (run_dir / AVERAGED_NAME, checkpoints_dir(run_dir) / LAST_NAME):
         if path.exists():
-            return path
+            return readable_or_newest(path) if path.name == LAST_NAME and path.is_file() else path
     raise RunFolderError(
         f"no {AVERAGED_NAME} and no checkpoints/{LAST_NAME} in run.dir={run_dir}: train (and `aiayn average`) "
         f"first, or name one with {key}=<path>"
@@ -95,10 +109,14 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     requeued one resumes)."""
     resume = cfg.run.resume
     last = checkpoints_dir(run_dir) / LAST_NAME
-    if resume == "auto":
-        return str(last) if last.is_file() else None
-    if resume == "last":
-        return str(last)
+    if resume == "auto" and not last.exists():
+        return None
+    if resume in ("auto", "last"):
+        if not last.exists():
+            raise RunFolderError(f"run.resume=last: no checkpoints/{LAST_NAME} in run.dir={run_dir}")
+        return str(readable_or_newest(last) if last.is_file() else last)
+    if resume and not Path(resume).expanduser().exists():
+        raise RunFolderError(f"run.resume={resume}: no such checkpoint")
     return resume
 
 
@@ -108,8 +126,154 @@ def job_resume(cfg: DictConfig, command: str) -> str | None:
     return (cfg.run.resume or "auto") if command == "train" else None
 
 
+# Sections of TRAINING_KEYS that say how long and how often rather than what is computed: a resumed run may train
+# longer, validate or checkpoint at another cadence. Their keys that change the arithmetic stay the run's.
+OPERATIONAL_SECTIONS = ("trainer", "checkpoint")
+ARITHMETIC_KEYS = ("trainer.precision", "trainer.accumulate_grad_batches")
+OPERATIONAL_KEYS = ("train.max_skipped_updates",)  # when to give up, not what is computed
+LOCATION_KEYS = ("data.corpora_dir", "data.download")  # machine paths and mirrors, not settings
+
+
+def is_run_setting(key: str) -> bool:
+    """Whether the dotted key is one of the run's own settings (TRAINING_KEYS, less the operational keys)."""
+    top = key.split(".")[0]
+    if key in OPERATIONAL_KEYS:
+        return False
+    if top in OPERATIONAL_SECTIONS:
+        return any(key == k or key.startswith(f"{k}.") or k.startswith(f"{key}.") for k in ARITHMETIC_KEYS)
+    return top in TRAINING_KEYS and not _is_location(key)
+
+
+def _is_location(key: str) -> bool:
+    """Where the corpora are and where they are fetched from: this machine's, not the run's setting."""
+    return any(key == k or key.startswith(f"{k}.") for k in LOCATION_KEYS)
+
+
+def training_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved TRAINING_KEYS sections, less where the files are (paths differ from machine to machine)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    settings = {key: resolved.get(key) for key in TRAINING_KEYS}
+    if isinstance(settings.get("data"), dict):
+        settings["data"] = {k: v for k, v in settings["data"].items() if not _is_location(f"data.{k}")}
+    return settings
+
+
+def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested containers (a key present in one only differs)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [k for key in keys for k in differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:
-    """The run's resolved configuration, <run>/config.yaml."""
+    """<run>/config.yaml, written once, when the run starts: a later start in the same folder (a resume, a requeued
+    job) must have the same training settings, or it is refused with the keys that differ, and the file that other
+    commands read is never overwritten by another run's settings."""
     path = run_dir / CONFIG_NAME
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if path.is_file():
+        saved = training_settings(OmegaConf.load(path))
+        differ = [key for key in differing_keys(saved, training_settings(cfg)) if is_run_setting(key)]
+        if differ:
+            shown = ", ".join(f"{k}={OmegaConf.select(cfg, k)} (the run's: {_select(saved, k)})" for k in differ[:6])
+            more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+            raise RunFolderError(
+                f"run.dir={run_dir} was started with other settings: {shown}{more}; start a new run folder, or "
+                f"drop those overrides (its {CONFIG_NAME} holds the run's own)"
+            )
+        return path
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
     return path
+
+
+def _select(settings: dict, dotted: str) -> Any:
+    node: Any = settings
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+# Sections a command on an existing run folder may set freely: how to decode, score, draw, average, where files
+# are and which device computes. Every other section is the run's own (its config.yaml).
+FREE_SECTIONS = (
+    "run",
+    "evaluate",
+    "translate",
+    "attention",
+    "average",
+    "export",
+    "model_dir",
+    "device",
+    "paths",
+    "logger",
+)
+
+
+def with_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """For a command on a trained run (evaluate, translate, attention, average): the run folder's config.yaml with
+    the command line's free sections on top, so that no training override has to be typed again. An override of a
+    training setting must agree with the run's, or it is refused by name. Without run.dir or a saved config (a run
+    of an older version), cfg as it is."""
+    if not cfg.run.get("dir"):
+        return cfg
+    path = Path(cfg.run.dir).expanduser() / CONFIG_NAME
+    if not path.is_file():
+        return cfg
+    saved = OmegaConf.load(path)
+    conflicts, operational = [], []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.split(".")[0] not in TRAINING_KEYS:
+            continue
+        if not is_run_setting(key):
+            operational.append(key)  # e.g. trainer.max_steps: a resumed run may go on longer
+            continue
+        ours, theirs = (_plain(OmegaConf.select(tree, key)) for tree in (cfg, saved))
+        if key.split(".")[0] == "data" and isinstance(ours, dict):  # where the corpora are is not a setting
+            ours, theirs = ({k: v for k, v in d.items() if not _is_location(f"data.{k}")} for d in (ours, theirs or {}))
+        if ours != theirs:
+            conflicts.append(f"{override} (the run's: {key}={theirs})")
+    if conflicts:
+        raise RunFolderError(
+            f"run.dir={cfg.run.dir} was trained with other settings than {'; '.join(conflicts)}: drop the override "
+            f"(the run folder's {CONFIG_NAME} applies)"
+        )
+    merged = OmegaConf.merge(saved, {key: cfg[key] for key in FREE_SECTIONS if key in cfg and key != "paths"})
+    for key in operational:
+        OmegaConf.update(merged, key, _plain(OmegaConf.select(cfg, key)), force_add=True)
+    # Where the files are: the run's own folders while they exist here, this machine's where they do not (a copied
+    # run folder), or where the command line says.
+    for key in ("output_dir", "corpora_dir"):
+        chosen = any(o.split("=", 1)[0].lstrip("+~") == f"paths.{key}" for o in overrides)
+        if chosen or not Path(str(OmegaConf.select(saved, f"paths.{key}", default=""))).is_dir():
+            OmegaConf.update(merged, f"paths.{key}", cfg.paths[key], force_add=True)
+    if "data" in merged and not Path(str(merged.data.get("corpora_dir", ""))).is_dir():
+        merged.data.corpora_dir = merged.paths.corpora_dir
+    if "data" in merged and "download" in cfg.data:  # where missing corpora come from: this machine's setting
+        merged.data.download = cfg.data.download
+    return merged
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def record_dataset(run_dir: Path, dataset_dir: Path, manifest: dict[str, Any], spm_model: Path) -> None:
+    """What the run trains on, kept in its folder: a copy of the SentencePiece model (so the run translates without
+    the dataset or the corpora) and the dataset's identity, <run>/dataset.json."""
+    if not (run_dir / SPM_NAME).is_file():
+        write_bytes_atomic(run_dir / SPM_NAME, Path(spm_model).read_bytes())
+    identity = {
+        "dataset_dir": str(dataset_dir),
+        "fingerprint": manifest.get("fingerprint"),
+        "spm_sha256": manifest["spm_model"].get("sha256"),
+        "vocab_size": manifest["spm_model"].get("vocab_size"),
+    }
+    write_json_atomic(run_dir / DATASET_NAME, identity)
+
+
+def recorded_dataset(run_dir: Path | None) -> dict[str, Any] | None:
+    """<run>/dataset.json, or None (no run folder, or a run of an older version)."""
+    if run_dir is None or not (run_dir / DATASET_NAME).is_file():
+        return None
+    return json.loads((run_dir / DATASET_NAME).read_text())

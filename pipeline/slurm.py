@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from pipeline.cluster import time_minutes
 from pipeline.config import PROJECT_ROOT
+from pipeline.errors import RunFolderError
 from pipeline.jobs import run_stage
 from pipeline.preemption import REQUEUE_SIGNAL
 from pipeline.runs import job_resume
@@ -59,10 +60,32 @@ class Job:
 
 def job_overrides(overrides: list[str], run_dir: Path, resume: str | None) -> list[str]:
     """The user's overrides with run.dir fixed, so that every attempt of the job uses one folder, and run.resume
-    set ("auto" for training: a requeued attempt resumes from last.ckpt; None: left as the user set it)."""
+    set ("auto" for training: a requeued attempt resumes from last.ckpt; None: left as the user set it).
+
+    run.dir is quoted for Hydra's grammar, so a folder named `out (copy)` or holding `$(...)` is taken as it is."""
     replaced = ("dir", "resume") if resume is not None else ("dir",)
     kept = [o for o in overrides if not ((m := _RUN_KEYS.match(o)) and m.group(1) in replaced)]
-    return [*kept, f"run.dir={run_dir}"] + ([f"run.resume={resume}"] if resume is not None else [])
+    return [*kept, f"run.dir={hydra_quoted(str(run_dir))}"] + ([f"run.resume={resume}"] if resume is not None else [])
+
+
+def hydra_quoted(value: str) -> str:
+    """value as one Hydra override value: single-quoted; its single quotes escaped, and the backslashes before a
+    quote or at the end doubled (Hydra's grammar reads a backslash as an escape only there)."""
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"
+
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def refuse_control_characters(values: dict[str, Any]) -> None:
+    """Every value that reaches a job's script or command line, as `key: value`: none may hold a control character
+    (a newline would end the sbatch directive or comment it is in and start a shell line of its own)."""
+    for key, value in values.items():
+        if isinstance(value, str) and CONTROL.search(value):
+            raise RunFolderError(
+                f"{key}={value!r}: control characters (newlines, tabs, ...) cannot go into a job script"
+            )
 
 
 # Variables of torchrun / Lightning launches: Lightning's SLURMEnvironment takes MASTER_PORT from the environment
@@ -73,6 +96,8 @@ LAUNCHER_VARIABLES += ("GROUP_RANK", "NODE_RANK", "TORCHELASTIC_RUN_ID")
 
 def make_job(cfg: DictConfig, command: str, overrides: list[str], run_dir: Path, dependency: str | None = None) -> Job:
     """The job that runs `aiayn <command> <overrides>` for run folder `run_dir` (logs in <run_dir>/slurm/<job id>)."""
+    given = dict(o.lstrip("+~").split("=", 1) if "=" in o else (o, o) for o in overrides)
+    refuse_control_characters(given | {"run.dir": str(run_dir)})
     job = Job(command, job_overrides(overrides, run_dir, job_resume(cfg, command)), run_dir / "slurm" / "%j")
     job.parameters = job_parameters(cfg, command, dependency)
     job.parameters["setup"].insert(0, f"# runs: {job.aiayn_command}")  # the overrides travel in the pickle
@@ -107,6 +132,8 @@ def job_parameters(cfg: DictConfig, command: str, dependency: str | None = None)
     for key in ("partition", "account", "qos", "constraint", "mem"):
         if cluster.get(key) is not None:
             params[key] = str(cluster[key])
+    refuse_control_characters({f"cluster.{k}": params[k] for k in ("partition", "account", "qos", "constraint", "mem")
+                               if k in params} | {"run.name": params["job_name"]})  # fmt: skip
     if dependency:
         params["dependency"] = dependency
     additional: dict[str, Any] = {}
@@ -121,14 +148,28 @@ def job_parameters(cfg: DictConfig, command: str, dependency: str | None = None)
 
 def sbatch_script(job: Job) -> str:
     """The exact sbatch script submitit writes for `job` (its own template), without submitting anything."""
-    from submitit.slurm.slurm import _make_sbatch_string
+    try:
+        from submitit.slurm.slurm import _make_sbatch_string
+    except ImportError:
+        from pipeline.errors import RunFolderError
+
+        raise RunFolderError(
+            "SLURM jobs are written and submitted with submitit, which is not installed: pip install 'aiayn[dist]'"
+        ) from None
 
     return _make_sbatch_string(command=job.submitit_command, folder=job.folder, **job.parameters)
 
 
 def submit(job: Job) -> Any:
     """Submit `job` with submitit; returns the submitit Job (job.job_id, job.paths.stdout, ...)."""
-    import submitit
+    try:
+        import submitit
+    except ImportError:
+        from pipeline.errors import RunFolderError
+
+        raise RunFolderError(
+            "SLURM jobs are submitted with submitit, which is not installed: pip install 'aiayn[dist]'"
+        ) from None
 
     executor = submitit.SlurmExecutor(folder=job.folder)
     executor.update_parameters(**job.parameters)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from filelock import FileLock, Timeout
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
@@ -18,17 +21,27 @@ from data import TranslationDataModule
 from modules.kernels import select_kernels
 from modules.lightning import TranslationModule
 from pipeline import preemption
-from pipeline.callbacks import AttentionImages, MemoryMonitor, RequeueOnPreemption, RunStart, TokenThroughput
+from pipeline.callbacks import (
+    AttentionImages,
+    MemoryMonitor,
+    RequeueOnPreemption,
+    RunProgress,
+    RunStart,
+    TokenThroughput,
+    announce,
+)
 from pipeline.config import output_dir
 from pipeline.costs import accumulation_steps
+from pipeline.errors import RunFolderError
 from pipeline.host import reuse_freed_memory
 from pipeline.loggers import build_loggers, finish_wandb
 from pipeline.resume import AtomicCheckpointIO, RNGState, UpdateCheckpoint
-from pipeline.runs import new_run_dir, resume_path, save_config
+from pipeline.runs import DATASET_KEY, checkpoints_dir, new_run_dir, record_dataset, resume_path, save_config
 from pipeline.strategies import build_strategy
 
 
 def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
+    announce(f"run folder: {directory}")  # first: where to look while the run starts
     minutes = cfg.checkpoint.get("every_n_minutes")
     if minutes and cfg.checkpoint.every_n_train_steps:
         raise ValueError(
@@ -48,10 +61,16 @@ def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
         enable_version_counter=False,  # names are unique by step; last.ckpt stays last.ckpt after a resume
     )
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # RunStart prints the model's parameters in one line instead of Lightning's summary table.
+    trainer_args.setdefault("enable_model_summary", False)
     strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True), trainer_args["accelerator"])
+    # trainer.enable_progress_bar: the run's bar on a terminal, else a line every trainer.log_every_n_steps steps
+    # (pipeline/progress.py); after TokenThroughput, whose tokens/s of the same step it shows.
+    progress = [RunProgress()] if trainer_args.get("enable_progress_bar", True) else []
     callbacks = [
         TokenThroughput(pad_id=cfg.model.pad_id, gpu=cfg.cluster.gpu),
         MemoryMonitor(),
+        *progress,
         RunStart(resume_path(cfg, directory)),
         RNGState(),
         checkpoints,
@@ -105,6 +124,58 @@ def describe_run(cfg: DictConfig, trainer: L.Trainer) -> str:
     )
 
 
+def hold_run_lock(directory: Path) -> Any:
+    """The run folder's lock (<run>/.lock), held until this process ends, so that a second `aiayn train` on the same
+    folder is refused instead of writing over the first one's checkpoints. The ranks of one run share it: only the
+    first process of a launch takes it (a launcher's child or a SLURM task other than rank 0 runs with the lock
+    its rank 0 holds)."""
+    if any(int(os.environ.get(var, 0)) > 0 for var in ("LOCAL_RANK", "RANK", "SLURM_PROCID", "NODE_RANK")):
+        return None
+    lock = FileLock(str(directory / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunFolderError(
+            f"run.dir={directory}: another `aiayn train` is writing to it ({directory / '.lock'} is held); wait for "
+            "it to end, or train into another run.dir"
+        ) from None
+    return lock
+
+
+class RecordDataset(L.Callback):
+    """Keeps the dataset's SentencePiece model and identity in the run folder once the data is set up (pipeline/
+    runs.py record_dataset): the run then translates, and is checked, without the dataset or the corpora."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if trainer.is_global_zero and getattr(datamodule, "tokenizer", None) is not None:
+            record_dataset(self.directory, datamodule.dataset_dir, datamodule.manifest, datamodule.tokenizer.model_path)
+
+    @staticmethod
+    def identity(trainer: L.Trainer) -> dict[str, Any] | None:
+        datamodule = trainer.datamodule
+        if getattr(datamodule, "manifest", None) is None:
+            return None
+        return {"fingerprint": datamodule.manifest.get("fingerprint"), "spm_sha256": datamodule.tokenizer.sha256}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        identity = self.identity(trainer)
+        if identity is not None:  # every checkpoint says which data and BPE model its weights read and write
+            checkpoint[DATASET_KEY] = identity
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        theirs, ours = checkpoint.get(DATASET_KEY), self.identity(trainer)
+        if theirs is not None and ours is not None and theirs["fingerprint"] != ours["fingerprint"]:
+            raise RunFolderError(
+                f"run.resume: the checkpoint was trained on dataset {theirs['fingerprint']} (BPE model sha256 "
+                f"{theirs['spm_sha256']}), this run's data is {ours['fingerprint']} ({ours['spm_sha256']}): "
+                "resume with the data it was trained on"
+            )
+
+
 @dataclass
 class Run:
     """A training run's parts, built from its config by build_run: what `aiayn train` fits, and what tests and
@@ -116,6 +187,7 @@ class Run:
     module: TranslationModule
     trainer: L.Trainer
     resume_from: str | None  # the checkpoint fit starts from (run.resume), None for a fresh run
+    lock: Any = None  # the run folder's lock while this process writes to it (hold_run_lock)
 
 
 def build_module(cfg: DictConfig) -> TranslationModule:
@@ -129,6 +201,7 @@ def build_module(cfg: DictConfig) -> TranslationModule:
         val_alpha=cfg.evaluate.alpha,
         kernels=cfg.device.kernels,
         compile=cfg.device.compile,
+        max_skipped_updates=cfg.train.get("max_skipped_updates"),
     )
 
 
@@ -136,18 +209,34 @@ def build_run(cfg: DictConfig, directory: Path | None = None) -> Run:
     """Every part of the run the config describes, in its run folder (run.dir, or a new timestamped one; created,
     with its config.yaml): the data module, the LightningModule, the trainer with its callbacks and loggers, and
     the accumulation that train.tokens_per_update asks for, set on both trainer and data."""
+    from pipeline.runs import CONFIG_NAME
+    from pipeline.validate import validate
+
+    # First: a config that cannot train leaves nothing behind (`aiayn train` checked it already). A run that started
+    # before (its config.yaml is there) keeps the settings it started with: the cross-key rules are for new runs.
+    given = directory or (Path(cfg.run.dir).expanduser() if cfg.run.get("dir") else None)
+    validate(cfg, "train", started=given is not None and (given / CONFIG_NAME).is_file())
+    directory = directory or new_run_dir(cfg)
+    resume_from = resume_path(cfg, directory)
+    existing = sorted(checkpoints_dir(directory).glob("*.ckpt")) if directory.is_dir() else []
+    if existing and resume_from is None:
+        raise RunFolderError(
+            f"run.dir={directory} already holds a run ({len(existing)} checkpoint(s) in checkpoints/): continue it "
+            "with run.resume=last, or train into a new run.dir"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = hold_run_lock(directory)
+    save_config(cfg, directory)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.accelerator == "cpu":
         reuse_freed_memory()
-    directory = directory or new_run_dir(cfg)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, directory)
     datamodule = TranslationDataModule(cfg.data, output_dir(cfg), seed=cfg.seed)
     module = build_module(cfg)
     trainer = build_trainer(cfg, directory)
+    trainer.callbacks.append(RecordDataset(directory))
     trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)
     datamodule.accumulation = trainer.accumulate_grad_batches
-    return Run(cfg, directory, datamodule, module, trainer, resume_path(cfg, directory))
+    return Run(cfg, directory, datamodule, module, trainer, resume_from, lock)
 
 
 def main(cfg: DictConfig) -> dict:

@@ -7,9 +7,9 @@ whitespace; data/clean.py), then the prepared dataset's SentencePiece model, plu
 batches of similar length (translate.max_tokens padded source tokens, as `aiayn evaluate`), written in input order,
 decoded back to text by SentencePiece, to stdout or translate.output. An empty line gives an empty line.
 
-Model: translate.checkpoint, else run.dir's averaged.ckpt, else its checkpoints/last.ckpt (pipeline/runs.py's
-resolve_checkpoint, pipeline/inference.py's load_for_inference). The BPE model is the prepared dataset's for the
-data.* config, so pass the overrides the run was trained with; a model whose vocabulary is another size is refused.
+Model: model_dir (a folder written by `aiayn export`), else translate.checkpoint, else run.dir's averaged.ckpt,
+else its checkpoints/last.ckpt (pipeline/runs.py's resolve_checkpoint). The BPE model is the run folder's copy (or
+the exported folder's); a model whose vocabulary is another size is refused.
 
 Decoding: translate.beam, alpha, nbest, max_extra default to the evaluate.* keys (section 6.1). With nbest > 1 each
 sentence gives nbest lines `<line index>\\t<score>\\t<translation>`, best first (fairseq's H- lines, without the H-).
@@ -18,24 +18,32 @@ sentence gives nbest lines `<line index>\\t<score>\\t<translation>`, best first 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from omegaconf import DictConfig
 
 from pipeline import inference
 from pipeline.errors import RunFolderError
+from pipeline.export import load_exported
 from pipeline.inference import Translator
+from pipeline.progress import Progress
 from pipeline.runs import require_run_dir, resolve_checkpoint
 
 
 def load_translator(cfg: DictConfig) -> tuple[Translator, Path]:
-    """The translate.* settings' Translator (pipeline/inference.py), and the checkpoint it loaded."""
+    """The translate.* settings' Translator (pipeline/inference.py), and what it loaded: an exported model folder
+    (model_dir, pipeline/export.py), else a run's checkpoint."""
+    if cfg.get("model_dir"):
+        model_dir = Path(cfg.model_dir).expanduser().resolve()
+        model, tokenizer, clean = load_exported(model_dir)
+        return inference.translator_for(cfg, model, tokenizer, clean), model_dir
     run_dir = require_run_dir(cfg, "translate") if cfg.run.get("dir") else None
     checkpoint_path = resolve_checkpoint(cfg, run_dir, section="translate")
-    return inference.load_translator(cfg, checkpoint_path), checkpoint_path
+    return inference.load_translator(cfg, checkpoint_path, run_dir), checkpoint_path
 
 
 def format_nbest(index: int, nbest: list[tuple[float, str]], n: int) -> list[str]:
@@ -87,6 +95,21 @@ def main(cfg: DictConfig) -> None:
         else:
             with open(Path(source).expanduser(), encoding="utf-8") as f:
                 lines = _read_lines(f)
-        for index, nbest in enumerate(translator(lines)):
+        # Progress on stderr (stdout may be the translations): a bar on a terminal, else a line every few seconds.
+        with Progress(total=sum(1 for line in lines if line.strip()), desc="translate", stream=sys.stderr) as progress:
+            translations = with_progress(translator, progress.update)(lines)
+        for index, nbest in enumerate(translations):
             out.writelines(text + "\n" for text in format_nbest(index, nbest, n))
         out.flush()
+
+
+def with_progress(translator: Translator, progress: Callable[[int], None]) -> Translator:
+    """The translator, calling progress with each decoded batch's number of sentences (its search's batch size)."""
+    search = translator.search
+
+    def counted(model: Any, src: Any) -> Any:
+        hypotheses = search(model, src)
+        progress(len(hypotheses))
+        return hypotheses
+
+    return replace(translator, search=counted)

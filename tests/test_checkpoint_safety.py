@@ -81,9 +81,14 @@ def test_no_command_runs_a_crafted_checkpoint(
         argv.append(f"translate.input={source}")
     if command == "attention":
         argv.insert(1, "A man is riding a bike.")
-    with pytest.raises(SystemExit) as exit_info:
+    if command == "average":  # a step checkpoint that cannot be read is passed over, saying why
         cli.main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 1, err
-    assert "refused, it holds more than weights" in err and err.count("\n") == 1, err
+        out = capsys.readouterr().out
+        assert "passing over step0009999.ckpt" in out and "refused, it holds more than weights" in out, out
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1, err
+        assert "refused, it holds more than weights" in err and err.count("\n") == 1, err
     assert not marker.exists()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
+from pipeline.validate import validate
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = PROJECT_ROOT / "bench" / "gpu_step.py"
@@ -78,13 +79,15 @@ def test_smoke_losses_on_the_identical_first_batch(smoke: dict):
 
 
 def test_train_overrides_compose(tmp_path: Path):
-    """The `aiayn train` run of the GPU benchmark: overrides that Hydra accepts, with the values meant."""
+    """The `aiayn train` run of the GPU benchmark: overrides that Hydra accepts and the config check passes, with the
+    values meant (the base model at Multi30k's BPE vocabulary)."""
     import torch
 
     gpu_step = load_script()
     overrides = gpu_step.train_overrides("base", "cuda", "auto", 300, tmp_path / "run", torch.device("cuda"))
     cfg = load_config(overrides)
-    assert (cfg.model.d_model, cfg.model.vocab_size, cfg.data.vocab_size) == (512, 37000, 8000)
+    validate(cfg, "train")
+    assert (cfg.model.d_model, cfg.model.vocab_size, cfg.data.vocab_size) == (512, 8000, 8000)
     assert cfg.data.name == "multi30k" and cfg.data.max_tokens == 25000
     assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.max_steps) == ("gpu", 1, 300)
     assert cfg.trainer.log_every_n_steps == 10 and cfg.trainer.limit_val_batches == 0

@@ -97,3 +97,23 @@ def test_only_global_rank_zero_writes_a_wandb_run(no_wandb_env, monkeypatch):
     logger.experiment.log({"x": 1})
     logger.finalize("success")
     assert not (run_dir / "wandb").exists()
+
+
+def test_without_wandb_installed_training_logs_to_csv_and_says_so_in_one_line(no_wandb_env, monkeypatch, capsys):
+    """wandb is a dependency, but an environment without it still trains (W&B on by default): the CSV logger only,
+    and one line saying why and how to turn W&B on or the message off."""
+    import importlib.util
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from pipeline.loggers import log_run_summary
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    cfg = load_config()
+    assert cfg.logger.wandb.enabled
+    loggers = build_loggers(cfg, no_wandb_env / "run")
+    assert [type(lg) for lg in loggers] == [CSVLogger]
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "wandb is not installed" in line and "pip install wandb" in line and "logger.wandb.enabled=false" in line
+    assert log_run_summary(cfg, no_wandb_env / "run", {"test/bleu": 1.0}) is None  # aiayn evaluate: the same

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import socket
 import subprocess
 import time
@@ -220,7 +221,9 @@ def test_dry_run_prints_the_submitted_script(graph: Graph, tmp_path, capsys) -> 
     assert dry == train.paths.submission_file.read_text()
 
     queued = _queued()
+    # 2 x 8 GPUs: data.max_tokens 1562 keeps the update at train.tokens_per_update=25000 (pipeline/validate.py)
     paper = ["experiment=wmt14_base", "cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=8"]
+    paper.append("data.max_tokens=1562")
     cli.main(["submit", "--dry-run", *paper, f"paths.output_dir={tmp_path}"])
     script = capsys.readouterr().out.splitlines()
     assert _queued() == queued
@@ -238,7 +241,9 @@ def test_dry_run_prints_the_submitted_script(graph: Graph, tmp_path, capsys) -> 
     srun = [line for line in script if line.startswith("srun ")]
     assert len(srun) == 1 and srun[0].endswith(" -u -m submitit.core._submit " + srun[0].split()[-1])
     runs = [line for line in script if line.startswith("# runs: aiayn train experiment=wmt14_base")]
-    assert len(runs) == 1 and "run.resume=auto" in runs[0] and " run.dir=/" in runs[0]
+    words = shlex.split(runs[0].removeprefix("# runs: "))  # the command as the shell would split it
+    assert len(runs) == 1 and "run.resume=auto" in words
+    assert any(w.startswith("run.dir='/") and w.endswith("'") for w in words)  # quoted for Hydra
 
 
 def test_cluster_layout_links_trainer_and_planner() -> None:
