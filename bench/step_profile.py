@@ -85,7 +85,7 @@ def profile_model(name: str, steps: int, warmup: int | None) -> dict:
     optimizers = module.configure_optimizers()  # Adam and Eq. 3 as training configures them (optim.fused_adam)
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
     loader = datamodule.train_dataloader()
-    batches = epochs(loader, loader.batch_sampler)
+    batches = epochs(loader, loader.batches)
     counts = module.model.parameter_counts()
     real = {"src": 0, "tgt": 0}
     padded = {"src": 0, "tgt": 0}
@@ -142,7 +142,7 @@ def profile_model(name: str, steps: int, warmup: int | None) -> dict:
         "top_ops_self_cpu_share": {e.key: round(e.self_cpu_time_total / total_us, 3) for e in top[:10]},
         "model_tflops_per_sec": round(flops / wall / 1e12, 3),
         "padding_efficiency": {k: round(real[k] / padded[k], 3) for k in real},
-        "padding_efficiency_epoch": epoch_padding(loader.batch_sampler, datamodule.splits["train"]),
+        "padding_efficiency_epoch": epoch_padding(loader.batches, datamodule.splits["train"]),
     }
 
 

@@ -8,7 +8,7 @@ file on disk that is memory-mapped afterwards, so 4.5M pairs cost flat memory an
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -26,9 +26,12 @@ __all__ = ["CorpusFileNotFoundError", "ParallelCorpus", "resolve_corpus_path"]
 class ParallelCorpus:
     """One split (train, valid or test) of a sentence-aligned parallel corpus, from one or more sources."""
 
-    def __init__(self, split: str, sources: list[Source], cache_dir: Path):
+    def __init__(self, split: str, sources: list[Source], cache_dir: Path, sha256: Mapping[str, str] | None = None):
+        """sha256: the sources' files' hashes by manifest key ("train.src", ...), which name their Arrow files in
+        the cache (`aiayn prepare` has them from the fingerprint, a reader from the manifest); without them the
+        files are hashed here."""
         self.split, self.sources = split, sources
-        self.data: datasets.Dataset = load_split(sources, cache_dir)  # columns: data.sources.FEATURES
+        self.data: datasets.Dataset = load_split(sources, cache_dir, sha256)  # columns: data.sources.FEATURES
 
     def __len__(self) -> int:
         return len(self.data)

@@ -121,7 +121,11 @@ class TranslationDataModule(L.LightningDataModule):
         """The first n (source, reference) sentences of a split, as raw text from the corpus files."""
         if split not in self._corpora:  # opened once: the LightningModule asks at every validation
             cache_dir = self.output_dir / ".cache" / "huggingface" / "datasets"
-            self._corpora[split] = ParallelCorpus(split, split_sources(self.cfg)[split], cache_dir)
+            # the files' sha256 the manifest records (the folder was found by their stat): their Arrow file in the
+            # cache is named by content, and a reader does not hash the corpus
+            manifest = self.manifest or read_manifest(self.dataset_dir)
+            sha256 = {key: e["sha256"] for key, e in manifest["source"]["files"].items() if e.get("sha256")}
+            self._corpora[split] = ParallelCorpus(split, split_sources(self.cfg)[split], cache_dir, sha256)
         return self._corpora[split].head(n)
 
     def valid_examples(self, n: int) -> list[tuple[str, str]]:

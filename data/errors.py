@@ -52,3 +52,30 @@ class SpmModelMismatchError(DataError, RuntimeError):
 
 class DatasetNotPreparedError(DataError, FileNotFoundError):
     """The dataset folder for this config has no (complete) manifest yet."""
+
+
+class DataConfigError(DataError, ValueError):
+    """A data.* setting that cannot work (data.max_len=0, data.shard_lines=0, data.src_lang == data.tgt_lang, ...)."""
+
+
+class NoTrainingTextError(DataError, ValueError):
+    """The train split leaves nothing to learn from: no text for the BPE model, or no pair after cleaning."""
+
+
+class ManifestMismatchError(DataError, RuntimeError):
+    """A manifest's counts disagree with themselves or with the shard files beside it (a hand-edited manifest, or
+    files of another preparation). Not a ValueError: `is_complete` must not take it for "not prepared yet"."""
+
+
+class OutputNotWritableError(DataError, PermissionError):
+    """The output folder (or a file in it) cannot be written: read-only, or another user's."""
+
+
+class DiskFullError(DataError, OSError):
+    """No space left on the device (ENOSPC, or a quota: EDQUOT) while writing a file; errno is kept.
+
+    Raised as DiskFullError(errno, message): it pickles like any OSError (a worker process's error reaches the
+    preparing process), and prints as the message alone."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

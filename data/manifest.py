@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from data.errors import DatasetNotPreparedError, SpmModelMismatchError
+from data.errors import DatasetNotPreparedError, ManifestMismatchError, SpmModelMismatchError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1  # bump when the shard layout changes: the dataset fingerprint includes it
@@ -42,7 +42,26 @@ def read_manifest(dataset_dir: Path) -> dict:
             f"{path} has format_version={manifest.get('format_version')}, this code reads {FORMAT_VERSION}; "
             "delete the folder and prepare the dataset again"
         )
+    check_totals(manifest, path)
     return manifest
+
+
+TOTALS = ("pairs", "src_tokens", "tgt_tokens")
+
+
+def check_totals(manifest: dict, path: Path) -> None:
+    """Each split's pair and token counts must be the sums of its shards' (a manifest edited by hand is not trusted
+    any further: ShardedPairs then checks each shard's counts against its files)."""
+    for split, entry in (manifest.get("splits") or {}).items():
+        for key in TOTALS:
+            if key not in entry:
+                continue
+            total = sum(shard.get(key, 0) for shard in entry.get("shards", []))
+            if entry[key] != total:
+                raise ManifestMismatchError(
+                    f"{path} says split {split!r} has {entry[key]} {key}, but its shards add up to {total}: the "
+                    f"manifest was edited; delete {Path(path).parent} and run `aiayn prepare` again"
+                )
 
 
 def is_complete(dataset_dir: Path) -> bool:

@@ -9,19 +9,54 @@ consumed in shard order, so memory stays flat however many shards the corpus has
 Workers are forked from a forkserver that imported data.encode once (not `spawn`: each worker would import
 pyarrow and sentencepiece again; not `fork`: the preparing process may hold threads and locks). With one worker,
 or one shard to do, jobs run in this process: no start-up cost for small corpora.
+
+Workers end with the process that started the pool, however it ends (kill -9 included): each watches it
+(`_exit_with`). Without that, a killed `aiayn prepare` left its workers running, still writing shards, and with them
+the forkserver and the resource tracker, which live as long as any worker does.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import select
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
+from data.atomic import pid_alive
 from data.encode import ShardJob, encode_shard
 from data.errors import SourceConfigError
+
+POLL_S = 1.0  # how often a worker looks whether the preparing process still runs, where it cannot wait for it
+
+
+def _exit_with(parent: int) -> None:
+    """Worker initializer: end this worker as soon as process `parent` (the one that started the pool) has ended.
+
+    A worker's own parent is the forkserver, not the preparing process, and the forkserver itself lives as long as
+    a worker does, so PR_SET_PDEATHSIG would not fire. The worker watches the preparing process instead, on a daemon
+    thread: a pidfd (Linux >= 5.3) becomes readable when it ends; elsewhere the thread looks every POLL_S seconds.
+    A shard being written is left as a temporary file, which the next run removes (data/atomic.py)."""
+    try:
+        pidfd = os.pidfd_open(parent)
+    except ProcessLookupError:
+        os._exit(1)  # ended before this worker started
+    except (AttributeError, OSError):  # not Linux, or an older kernel
+        pidfd = None
+    threading.Thread(target=_wait_then_exit, args=(parent, pidfd), name="exit-with-parent", daemon=True).start()
+
+
+def _wait_then_exit(parent: int, pidfd: int | None) -> None:
+    if pidfd is not None:
+        select.select([pidfd], [], [])
+    else:
+        while pid_alive(parent):
+            time.sleep(POLL_S)
+    os._exit(1)  # the whole process, at once: no shard record is written after this
 
 
 def resolve_workers(value: Any) -> int:
@@ -55,8 +90,10 @@ class ShardPool:
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["data.encode"])  # the server imports it once; workers fork from it
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=context)
+            context.set_forkserver_preload(["data.encode", "data.pool"])  # imported once; workers fork from it
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),)
+            )
         return self._executor
 
     def parallel(self, n_jobs: int) -> bool:

@@ -23,12 +23,15 @@ Shards are encoded in parallel, one per worker process (data/pool.py, data/encod
 and collected in shard order, so the folder is byte for byte the same whatever the number of workers.
 
 A run that is killed resumes where it stopped: spm.model and every shard appear only when whole (written under a
-temporary name, then renamed; a shard's record last), so the next run with the same config reuses them and
-encodes only the shards still missing.
+temporary name, then renamed; a shard's record last), so the next run with the same config reuses them, says
+`resuming: ...`, and encodes only the shards still missing; the temporary files of the killed run are removed.
+A folder already complete is checked before it is called prepared: every shard file against its sha256 and its
+counts (`verify_prepared`).
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -37,7 +40,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +50,31 @@ from filelock import FileLock  # a dependency of `datasets` and torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from data.atomic import move_into_place, write_json_atomic
+from data.atomic import disk_full, is_disk_full, remove_stale_temp_files, write_json_atomic
 from data.clean import Cleaner, resolve_clean_config
 from data.corpus import ParallelCorpus
 from data.dedup import Deduplicator
 from data.encode import ENCODE_BATCH, ShardJob
-from data.errors import DataError, DatasetNotPreparedError
-from data.manifest import FORMAT_VERSION, MANIFEST_NAME, file_sha256, is_complete, read_manifest
+from data.errors import (
+    DataConfigError,
+    DataError,
+    DatasetNotPreparedError,
+    NoTrainingTextError,
+    OutputNotWritableError,
+)
+from data.manifest import FORMAT_VERSION, MANIFEST_NAME, file_sha256, is_complete, read_manifest, verify_spm_model
 from data.pool import ShardPool, resolve_workers
-from data.shards import finished_shard, load_shard, remove_shard, write_shard
-from data.sources import READER_VERSION, Source, describe, parse_split
+from data.shards import ShardedPairs, finished_shard, load_shard, remove_shard, write_shard
+from data.sources import READER_VERSION, Source, arrow_cache_dir, describe, parse_split
 from data.tokenizer import Tokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("name", "splits", "vocab_size", "spm_sample_lines", "max_len", "max_tokens", "shard_lines")
+POSITIVE_KEYS = ("vocab_size", "spm_sample_lines", "max_len", "max_tokens", "shard_lines")
+# A temporary file in the Arrow cache is another machine's write in progress (a shared output folder) until it has
+# not been written for this long; the dataset folder needs no such wait: its lock holder is its only writer.
+STALE_CACHE_TEMP_S = 60.0
 # The keys that change what ends up in the folder. max_tokens and num_workers only change batching,
 # num_prepare_workers only how fast the folder is written (its content is the same for any number).
 CONTENT_KEYS = ("src_lang", "tgt_lang", "vocab_size", "spm_sample_lines", "max_len", "shard_lines")
@@ -89,6 +102,16 @@ def resolve_data_config(data_cfg: DictConfig | dict) -> dict[str, Any]:
         raise KeyError(f"data config lacks {', '.join('data.' + k for k in missing)} (see conf/data/*.yaml)")
     if "train" not in cfg["splits"]:
         raise KeyError(f"data.splits has no 'train' split (it has {sorted(cfg['splits'])}): BPE is trained on it")
+    for key in POSITIVE_KEYS:
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataConfigError(f"data.{key}={value!r}: out of range; set data.{key} to a positive integer")
+    src, tgt = cfg.get("src_lang"), cfg.get("tgt_lang")
+    if src is not None and tgt is not None and str(src).casefold() == str(tgt).casefold():
+        raise DataConfigError(
+            f"data.src_lang and data.tgt_lang are both {src!r}: a translation needs two languages; set them to the "
+            "source and target language (e.g. data.src_lang=en data.tgt_lang=de)"
+        )
     return cfg
 
 
@@ -253,73 +276,157 @@ def check_corpus(data_cfg: DictConfig | dict, output_dir: str | os.PathLike) -> 
     )
 
 
+def verify_prepared(dataset_dir: Path) -> dict[str, Any]:
+    """A complete folder checked before it is used as prepared: the manifest's counts (against themselves and each
+    shard's files' lengths), the BPE model's and every shard file's sha256. Returns the manifest; raises a DataError
+    naming the file that differs and the fix (delete the folder, prepare again)."""
+    manifest = read_manifest(dataset_dir)
+    verify_spm_model(dataset_dir, manifest)
+    for split in manifest["splits"]:
+        ShardedPairs(dataset_dir, split, verify=True)  # sha256 of each shard file, then its counts
+    return manifest
+
+
+@contextmanager
+def _write_errors_named(folder: Path) -> Iterator[None]:
+    """A full disk or a folder that cannot be written, met anywhere in preparing `folder`: one line naming it."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, DataError):
+            raise
+        if is_disk_full(err):
+            raise disk_full(folder, err) from err
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise OutputNotWritableError(
+                f"cannot write {err.filename or folder} ({err.strerror}): set the output folder (paths.output_dir or "
+                "AIAYN_OUTPUT_DIR) to one this user can write, or make it writable"
+            ) from err
+        raise
+
+
+def _left_by_a_killed_run(dataset_dir: Path) -> str | None:
+    """What an interrupted preparation of this folder left that the next run reuses, in words; None if nothing."""
+    shards = len(list(dataset_dir.glob("*/shard-*.json"))) + len(list(dataset_dir.glob(f"{PENDING}/*/shard-*.json")))
+    parts = ["the BPE model"] * (dataset_dir / "spm.model").is_file() + [f"{shards} finished shard(s)"] * bool(shards)
+    return " and ".join(parts) or None
+
+
 def prepare_dataset(
-    data_cfg: DictConfig | dict, output_dir: str | os.PathLike, progress: ProgressFactory = tqdm
+    data_cfg: DictConfig | dict,
+    output_dir: str | os.PathLike,
+    progress: ProgressFactory = tqdm,
+    say: Callable[[str], None] | None = None,
 ) -> Path:
     """Train the joint BPE model and encode every split into shards, unless already done. Returns the folder.
 
     progress: how each pass over the pairs (the BPE sample, each split's encoding) shows how far it is
     (ProgressFactory; tqdm's bar by default, `aiayn prepare` gives pipeline/progress.py's, which writes plain lines
-    off a terminal)."""
+    off a terminal). say: where the lines for the user go, `resuming: ...` (an interrupted run is continued);
+    the log by default, `aiayn prepare` prints them."""
+    say = say or log.info
     cfg = resolve_data_config(data_cfg)
     output_dir = Path(output_dir)
     dataset_dir, fingerprint, source, lookup = _locate(cfg, output_dir)
     if is_complete(dataset_dir):
+        verify_prepared(dataset_dir)
         log.info("already prepared: %s", dataset_dir)
         return dataset_dir
 
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    # Two processes preparing the same folder (e.g. one per node on a shared filesystem) take turns;
-    # the second one then finds the manifest and returns.
-    with FileLock(str(dataset_dir / ".prepare.lock")):
-        if is_complete(dataset_dir):
-            log.info("already prepared: %s", dataset_dir)
-            return dataset_dir
-        log.info("preparing %s in %s", cfg["name"], dataset_dir)
-        cache_dir = output_dir / ".cache" / "huggingface" / "datasets"
-        clean = resolve_clean_config(cfg.get("clean"))
-        # Read every split first: a missing or broken file, a bad line or a line-count mismatch fails now, not
-        # after BPE training. Bad lines may be skipped (and counted) in train only: see ParallelCorpus.check.
-        corpora = {split: ParallelCorpus(split, sources, cache_dir) for split, sources in split_sources(cfg).items()}
-        for split, corpus in corpora.items():
-            corpus.check(clean["on_bad_line"] if split == "train" else "error")
-
-        model_path = dataset_dir / "spm.model"
-        if model_path.is_file():  # renamed into place only when whole: an interrupted run got this far
-            log.info("resuming: reusing the BPE model %s", model_path)
-        else:
-            model_path = train_bpe(corpora["train"], dataset_dir, cfg, clean, progress)
-        tokenizer = Tokenizer(model_path)
-        with ShardPool(resolve_workers(cfg.get("num_prepare_workers"))) as pool:
-            splits = {
-                split: encode_split(corpus, split, tokenizer, dataset_dir, cfg, clean, pool, progress)
-                for split, corpus in corpora.items()
-            }
-        shutil.rmtree(dataset_dir / PENDING, ignore_errors=True)
-
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "name": cfg["name"],
-            "fingerprint": fingerprint,
-            "source": {
-                "fingerprint_method": "sha256 of each input file's bytes (Hub: name, config, split, revision)",
-                "files": source,
-            },
-            "spm_model": {"file": model_path.name, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
-            "special_ids": {
-                "pad": tokenizer.pad_id,
-                "unk": tokenizer.unk_id,
-                "bos": tokenizer.bos_id,
-                "eos": tokenizer.eos_id,
-            },
-            "token_dtype": tokenizer.id_dtype.name,
-            "config": {**cfg, "clean": clean},
-            "splits": splits,
-            LOOKUP: lookup,
-        }
-        write_json_atomic(dataset_dir / MANIFEST_NAME, manifest)  # last: the folder is now complete
+    with _write_errors_named(dataset_dir):
+        dataset_dir.mkdir(parents=True, exist_ok=True)
+        # Two processes preparing the same folder (e.g. one per node on a shared filesystem) take turns;
+        # the second one then finds the manifest and returns.
+        with FileLock(str(dataset_dir / ".prepare.lock")):
+            if is_complete(dataset_dir):
+                verify_prepared(dataset_dir)
+                log.info("already prepared: %s", dataset_dir)
+                return dataset_dir
+            _prepare(cfg, output_dir, dataset_dir, fingerprint, source, lookup, progress, say)
     log.info("prepared %s", dataset_dir)
     return dataset_dir
+
+
+def _prepare(
+    cfg: dict[str, Any],
+    output_dir: Path,
+    dataset_dir: Path,
+    fingerprint: str,
+    source: dict[str, dict],
+    lookup: dict[str, Any],
+    progress: ProgressFactory,
+    say: Callable[[str], None],
+) -> None:
+    """prepare_dataset's work, holding the folder's lock."""
+    cache_dir = output_dir / ".cache" / "huggingface" / "datasets"
+    # What a killed run (its workers too) was writing: temporary files no running process owns.
+    for stale in [
+        *remove_stale_temp_files(dataset_dir),
+        *remove_stale_temp_files(arrow_cache_dir(cache_dir), STALE_CACHE_TEMP_S),
+    ]:
+        log.info("removed %s, left by a killed run", stale)
+    if left := _left_by_a_killed_run(dataset_dir):
+        say(f"resuming: {dataset_dir}: an interrupted run left {left}, reused where their sha256 still match")
+    log.info("preparing %s in %s", cfg["name"], dataset_dir)
+    clean = resolve_clean_config(cfg.get("clean"))
+    # Read every split first: a missing or broken file, a bad line or a line-count mismatch fails now, not
+    # after BPE training. Bad lines may be skipped (and counted) in train only: see ParallelCorpus.check.
+    # Each source's Arrow file is found by its files' sha256, computed above for the fingerprint: a corpus edited
+    # in place is read again, even where it kept its size and mtime.
+    sha256 = {key: entry["sha256"] for key, entry in source.items() if entry.get("sha256")}
+    corpora = {
+        split: ParallelCorpus(split, sources, cache_dir, sha256) for split, sources in split_sources(cfg).items()
+    }
+    for split, corpus in corpora.items():
+        corpus.check(clean["on_bad_line"] if split == "train" else "error")
+
+    model_path = dataset_dir / "spm.model"
+    if model_path.is_file():  # renamed into place only when whole: an interrupted run got this far
+        log.info("resuming: reusing the BPE model %s", model_path)
+    else:
+        model_path = train_bpe(corpora["train"], dataset_dir, cfg, clean, progress)
+    tokenizer = Tokenizer(model_path)
+    with ShardPool(resolve_workers(cfg.get("num_prepare_workers"))) as pool:
+        splits = {
+            split: encode_split(corpus, split, tokenizer, dataset_dir, cfg, clean, pool, progress, say)
+            for split, corpus in corpora.items()
+        }
+    shutil.rmtree(dataset_dir / PENDING, ignore_errors=True)
+    if not splits["train"]["pairs"]:
+        train = splits["train"]
+        raise NoTrainingTextError(
+            f"data.splits.train ({_files(corpora['train'])}): no training pair is left of its {train['lines']} "
+            f"lines: {train['dropped_too_long']} longer than data.max_len={cfg['max_len']} tokens, "
+            f"{train['dropped_empty']} with an empty side, removed by cleaning {train['clean']['removed'] or 'none'}; "
+            "raise data.max_len or point data.splits.train at the training text"
+        )
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": cfg["name"],
+        "fingerprint": fingerprint,
+        "source": {
+            "fingerprint_method": "sha256 of each input file's bytes (Hub: name, config, split, revision)",
+            "files": source,
+        },
+        "spm_model": {"file": model_path.name, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
+        "special_ids": {
+            "pad": tokenizer.pad_id,
+            "unk": tokenizer.unk_id,
+            "bos": tokenizer.bos_id,
+            "eos": tokenizer.eos_id,
+        },
+        "token_dtype": tokenizer.id_dtype.name,
+        "config": {**cfg, "clean": clean},
+        "splits": splits,
+        LOOKUP: lookup,
+    }
+    write_json_atomic(dataset_dir / MANIFEST_NAME, manifest)  # last: the folder is now complete
+
+
+def _files(corpus: ParallelCorpus) -> str:
+    """A split's input files, for a message."""
+    return ", ".join(str(path) for source in corpus.sources for path in source.files.values()) or corpus.split
 
 
 def train_bpe(
@@ -353,13 +460,19 @@ def train_bpe(
         cfg["vocab_size"],
         cfg["spm_sample_lines"],
     )
-    # Train under a temporary prefix, then rename: spm.model exists only once it is whole. (sentencepiece writes
-    # the files itself, and stores the prefix in the model, so the prefix keeps its own name.)
-    tmp_prefix = dataset_dir / f".spm.tmp-{os.getpid()}"
-    tmp_model = train_sentencepiece(both_sides(), tmp_prefix, cfg["vocab_size"], cfg["spm_sample_lines"], seed=SPM_SEED)
-    move_into_place(tmp_prefix.with_name(tmp_prefix.name + ".vocab"), dataset_dir / "spm.vocab")
-    move_into_place(tmp_model, dataset_dir / "spm.model")
-    return dataset_dir / "spm.model"
+    # Trained in memory, then written whole (spm.vocab first): spm.model exists only once it is complete, and holds
+    # no path, so the same text gives the same bytes.
+    try:
+        return train_sentencepiece(
+            both_sides(), dataset_dir / "spm", cfg["vocab_size"], cfg["spm_sample_lines"], seed=SPM_SEED
+        )
+    except NoTrainingTextError:
+        removed = cleaner.report()["removed"]
+        raise NoTrainingTextError(
+            f"data.splits.train ({_files(train)}): no text to train the BPE model on: the {n_pairs} pairs read of "
+            f"its {len(train)} lines are all empty{f' or removed by cleaning {removed}' if removed else ''}; point "
+            "data.splits.train at the training text"
+        ) from None
 
 
 def encode_split(
@@ -371,6 +484,7 @@ def encode_split(
     clean: dict[str, Any],
     pool: ShardPool,
     progress: ProgressFactory = tqdm,
+    say: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """Clean and encode one split, shard by shard on the pool; shards an interrupted run finished are kept.
 
@@ -404,7 +518,7 @@ def encode_split(
         stop = min(start + cfg["shard_lines"], len(corpus))
         record = finished_shard(dataset_dir, split, index)
         if current(record, start, stop) and (not dedup or "keys" in record["files"]):  # keys: data/dedup.py
-            log.info("resuming: %s/%s is complete", split, record["name"])
+            log.debug("resuming: %s/%s is complete", split, record["name"])
             items.append(("final", record))
         elif dedup and current(record := finished_shard(pending, split, index), start, stop):
             items.append(("candidate", record))
@@ -412,6 +526,8 @@ def encode_split(
             items.append(ShardJob(index=index, start=start, stop=stop, **template))
 
     n_jobs = sum(isinstance(item, ShardJob) for item in items)
+    if kept := len(items) - n_jobs:
+        say(f"resuming: {split}: {kept} of {len(items)} shards are done (checked), encoding the other {n_jobs}")
     shards = []
     with progress(total=len(corpus), desc=f"encoding {split}", unit="pairs") as bar:
         for item in pool.run(items, n_jobs):

@@ -24,15 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from data.atomic import atomic_write, move_into_place, temp_path, write_json_atomic
-from data.errors import DataError
-from data.manifest import file_sha256, read_manifest
+from data.atomic import atomic_write, disk_full, is_disk_full, move_into_place, temp_path, write_json_atomic
+from data.errors import DataError, DiskFullError, ManifestMismatchError
+from data.manifest import MANIFEST_NAME, file_sha256, read_manifest
 
 SIDES = ("src", "tgt")
 
 
 class ShardChecksumError(DataError, RuntimeError):
     """A shard file's bytes differ from the sha256 recorded in the manifest (corrupted or edited)."""
+
+
+class ShardFileMissingError(DataError, FileNotFoundError):
+    """A shard file the manifest lists is not in the dataset folder."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -126,11 +130,13 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, exc_type, *_) -> None:
+    def __exit__(self, exc_type, exc, _tb) -> None:
         if exc_type is not None:  # no half shard: drop what was written
             for kind, f in self._files.items():
                 f.close()
                 self._tmp[kind].unlink(missing_ok=True)
+            if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+                raise disk_full(self.dataset_dir / self.split / f"{self.name}.*.npy", exc) from exc
 
 
 def write_shard(
@@ -203,6 +209,7 @@ class ShardedPairs:
         if verify:
             self.verify()
         self._open()
+        self.check_counts()
 
     def verify(self) -> None:
         """Compare every shard file's sha256 with the manifest: catches truncated copies and edited bytes."""
@@ -210,7 +217,9 @@ class ShardedPairs:
             for entry in shard["files"].values():
                 path = self.dataset_dir / entry["file"]
                 if not path.is_file():
-                    raise FileNotFoundError(f"shard file missing: {path}; prepare the dataset again")
+                    raise ShardFileMissingError(
+                        f"shard file missing: {path}; delete {self.dataset_dir} and run `aiayn prepare` again"
+                    )
                 if file_sha256(path) != entry["sha256"]:
                     raise ShardChecksumError(
                         f"shard file {path} does not match the sha256 in {self.dataset_dir / 'manifest.json'} "
@@ -219,7 +228,50 @@ class ShardedPairs:
                     )
 
     def _mmap(self, shard: dict, kind: str) -> np.ndarray:
-        return np.load(self.dataset_dir / shard["files"][kind]["file"], mmap_mode="r")
+        path = self.dataset_dir / shard["files"][kind]["file"]
+        try:
+            return np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            raise ShardFileMissingError(
+                f"shard file missing: {path}; delete {self.dataset_dir} and run `aiayn prepare` again"
+            ) from None
+        except (OSError, ValueError) as err:  # cut short (mmap past the end), or not a .npy file
+            raise ShardChecksumError(
+                f"shard file {path} cannot be read ({err}): corrupted or cut short; delete {self.dataset_dir} and "
+                "run `aiayn prepare` again"
+            ) from err
+
+    def check_counts(self) -> None:
+        """The manifest's pair and token counts of each shard against its files, from their .npy headers and last
+        offsets (no full read): a count edited by hand would otherwise index past a shard's end an epoch later (or
+        leave pairs unread), since batches are drawn by the manifest's counts."""
+        manifest = self.dataset_dir / MANIFEST_NAME
+        for shard, src, tgt, idx in zip(self.shards, self._src, self._tgt, self._idx, strict=True):
+            files = {kind: self.dataset_dir / shard["files"][kind]["file"] for kind in ("src", "tgt", "idx")}
+            fix = (
+                f"the manifest was edited, or the shard's files are another preparation's; delete {self.dataset_dir} "
+                "and run `aiayn prepare` again"
+            )
+            if idx.ndim != 2 or idx.shape[1] != 2 or len(idx) == 0:
+                raise ManifestMismatchError(
+                    f"{files['idx']} holds offsets of shape {idx.shape}, not (pairs + 1, 2); {fix}"
+                )
+            found = {
+                "pairs": (len(idx) - 1, files["idx"], "pairs"),
+                "src_tokens": (len(src), files["src"], "source tokens"),
+                "tgt_tokens": (len(tgt), files["tgt"], "target tokens"),
+            }
+            for key, (count, file, what) in found.items():
+                if shard.get(key) != count:
+                    raise ManifestMismatchError(
+                        f"{manifest} says {self.split}/{shard['name']} holds {shard.get(key)} {what}, but {file} "
+                        f"holds {count}; {fix}"
+                    )
+            if tuple(int(n) for n in idx[-1]) != (len(src), len(tgt)):
+                raise ManifestMismatchError(
+                    f"{files['idx']} ends at token offsets {tuple(int(n) for n in idx[-1])}, but {files['src']} and "
+                    f"{files['tgt']} hold {len(src)} and {len(tgt)} tokens; {fix}"
+                )
 
     def _open(self) -> None:
         self._src = [self._mmap(s, "src") for s in self.shards]

@@ -21,12 +21,17 @@ Every source becomes an on-disk, memory-mapped Arrow table (flat memory at any c
     where      null, or "<file> line <n>: <what is wrong>" for that issue
     crlf       how many of the pair's lines ended in "\\r\\n" (the "\\r" is removed and counted, never an error)
 
-Line-based files (text, TSV, JSONL) are read by `LineReader` below and written to Arrow in batches (`_from_batches`),
-not with HF's "text"/"csv"/"json" builders: the "text" builder opens files with universal newlines, so a stray
-"\\r" inside a line silently splits it in two (and shifts every later pair), and it fails on invalid UTF-8 without
-naming the line; pandas' csv reader treats quotes and "NA" specially. Reading the bytes ourselves keeps row i
-exactly line i, and turns each problem into a row that on_bad_line=error reports by file and line, or
-on_bad_line=skip skips and counts. Parquet and Hub sources use the "parquet" builder and `load_dataset`.
+Line-based files (text, TSV, JSONL) and parquet files are read here and written to Arrow in batches
+(`_from_batches`), not with HF's "text"/"csv"/"json"/"parquet" builders: the "text" builder opens files with
+universal newlines, so a stray "\\r" inside a line silently splits it in two (and shifts every later pair), and it
+fails on invalid UTF-8 without naming the line; pandas' csv reader treats quotes and "NA" specially. Reading the
+bytes ourselves keeps row i exactly line i, and turns each problem into a row that on_bad_line=error reports by file
+and line, or on_bad_line=skip skips and counts. Hub sources use `load_dataset` (its cache is keyed by the dataset's
+revision).
+
+The Arrow file of a source is reused while its input files' CONTENT is the same: it is named by their sha256 (which
+`aiayn prepare` computes anyway for the dataset's fingerprint; readers pass the manifest's), never by path, size and
+mtime, which a file edited in place can keep (HF's builders key local files by mtime alone).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import json
 import os
 import socket
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
@@ -59,6 +64,7 @@ from data.errors import (
     LineCountError,
     SourceConfigError,
 )
+from data.manifest import file_sha256
 
 MAX_LINE_BYTES = 1 << 20  # a "sentence" over 1 MiB is a broken file (a missing newline), not a sentence
 READER_VERSION = 1  # part of the Arrow cache key: bump when read_lines or the row layout changes
@@ -74,6 +80,12 @@ FEATURES = datasets.Features(
 FILE_KINDS = ("tsv", "jsonl", "parquet")
 HUB_TIMEOUT_S = 5.0
 ARROW_BATCH_ROWS = 50_000  # rows converted to Arrow columns at a time: ~10 MB of text in memory
+ARROW_DIR = "aiayn_arrow"  # the Arrow files of the sources, under the cache folder
+
+
+def arrow_cache_dir(cache_dir: Path) -> Path:
+    """Where `load_source` keeps the Arrow file of each source (one per input files' content and read options)."""
+    return Path(cache_dir) / ARROW_DIR
 
 
 @dataclass(frozen=True)
@@ -226,18 +238,26 @@ class LineReader:
 
     def take(self, n: int) -> tuple[list[str], list[str | None], list[str | None], list[int]]:
         """The next n lines (fewer at the end of the file, none after it)."""
+        pieces: list[bytes] = []
         try:
-            pieces = list(islice(self._pieces, n))
+            pieces.extend(islice(self._pieces, n))  # what was read before an error stays in `pieces`
+        except (EOFError, OSError, zlib.error) as err:
+            # the whole lines read before the error: those of earlier batches, and of this one
+            raise self._corrupt(self.lineno + sum(piece.endswith(b"\n") for piece in pieces), err) from err
+        try:
             lines = self._fast(pieces) if pieces else ([], [], [], [])
             if lines is None:
-                lines = self._slow(pieces, n)
+                lines = self._slow(pieces, n)  # (reads on past `pieces` only to skip the rest of an over-long line)
         except (EOFError, OSError, zlib.error) as err:
-            raise CorruptFileError(
-                f"{self.path} is cut short or corrupt after line {self.lineno} ({err}); copy or download the file again"
-            ) from err
+            raise self._corrupt(self.lineno, err) from err
         if not lines[0] and self.lineno == 0:
             raise EmptyCorpusFileError(f"corpus file {self.path} has no lines; point the data config at the data")
         return lines
+
+    def _corrupt(self, lines_read: int, err: BaseException) -> CorruptFileError:
+        return CorruptFileError(
+            f"{self.path} is cut short or corrupt after line {lines_read} ({err}); copy or download the file again"
+        )
 
     def _fast(self, pieces: list[bytes]) -> tuple[list[str], list, list, list[int]] | None:
         if max(map(len, pieces)) > MAX_LINE_BYTES:  # (an over-long line's first piece is MAX_LINE_BYTES + 1)
@@ -301,7 +321,7 @@ def read_lines(path: Path) -> Iterator[tuple[int, str, str | None, str | None, b
 
 def _text_pair_batches(src: str, tgt: str, stamp: Any) -> Iterator[tuple[list, ...]]:
     """Column batches (FEATURES order) of two aligned text files, read ARROW_BATCH_ROWS lines at a time from each.
-    `stamp` (sizes, mtimes) only keys the Arrow cache."""
+    `stamp` (the files' sha256) only keys the Arrow cache."""
     with LineReader(Path(src)) as src_lines, LineReader(Path(tgt)) as tgt_lines:
         while True:
             s_text, s_issue, s_where, s_crlf = src_lines.take(ARROW_BATCH_ROWS)
@@ -388,24 +408,50 @@ def _pick_columns(batch: dict, indices: list[int], src_field: str, tgt_field: st
     return out
 
 
+def _parquet_batches(path: str, src_field: str, tgt_field: str, stamp: Any) -> Iterator[tuple[list, ...]]:
+    """Column batches (FEATURES order) of a parquet file's records, ARROW_BATCH_ROWS at a time."""
+    import pyarrow.parquet as pq
+
+    offset = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=ARROW_BATCH_ROWS):
+            records = batch.to_pydict()
+            columns = _pick_columns(records, list(range(offset, offset + batch.num_rows)), src_field, tgt_field, path)
+            offset += batch.num_rows
+            yield tuple(columns[name] for name in FEATURES)
+    except (pa.ArrowException, OSError) as err:
+        if isinstance(err, OSError) and err.errno is not None:
+            raise  # a read error of the disk, not of the file's content
+        raise CorruptFileError(
+            f"{path} is not a readable parquet file (after row {offset}: {err}); copy or download the file again"
+        ) from err
+
+
 # -- loading -----------------------------------------------------------------------------------------------
-def _stamp(paths: list[Path]) -> str:
-    """Keys the Arrow cache on the files' path, size and mtime (and the reader's version)."""
-    return json.dumps([READER_VERSION] + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths])
+def _stamp(source: Source, sha256: Mapping[str, str] | None) -> str:
+    """Keys the Arrow cache on the input files' content (sha256) and path (rows name it), and the reader's version.
+
+    `sha256`: the files' hashes by manifest key ("train.src", ...), as `aiayn prepare` computed them for the
+    dataset's fingerprint or a prepared manifest records them; a file not in it is hashed here."""
+    files = []
+    for role, path in source.files.items():
+        digest = (sha256 or {}).get(f"{source.label}.{role}") or file_sha256(path)
+        files.append([str(path), digest])
+    return json.dumps([READER_VERSION, *files])
 
 
 def _from_batches(
     batches: Callable[..., Iterator[tuple[list, ...]]], kwargs: dict, cache_dir: Path
 ) -> datasets.Dataset:
-    """Write the column batches (lists in FEATURES order) to an Arrow file under cache_dir, reused while the files
-    are unchanged, and open it memory-mapped with `datasets.Dataset.from_file`.
+    """Write the column batches (lists in FEATURES order) to an Arrow file under cache_dir, reused while the files'
+    content is the same (kwargs' "stamp"), and open it memory-mapped with `datasets.Dataset.from_file`.
 
     Each batch of columns becomes Arrow arrays in pyarrow (C++), not example by example as
     `Dataset.from_generator` does: its per-example feature encoding would cost more than the rest of a prepare run.
     The file is written atomically (data/atomic.py), so a killed run never leaves a truncated cache behind.
     """
     key = hashlib.sha256(json.dumps([batches.__name__, kwargs], sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir / "aiayn_arrow" / f"{batches.__name__.strip('_')}-{key}.arrow"
+    path = arrow_cache_dir(cache_dir) / f"{batches.__name__.strip('_')}-{key}.arrow"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         schema = FEATURES.arrow_schema
@@ -432,24 +478,26 @@ def _jsonl_batches(**kwargs: Any) -> Iterator[tuple[list, ...]]:
     return _in_batches(_jsonl_rows(**kwargs))
 
 
-def load_source(source: Source, cache_dir: Path) -> datasets.Dataset:
-    """One source as an Arrow table with the FEATURES columns."""
+def load_source(source: Source, cache_dir: Path, sha256: Mapping[str, str] | None = None) -> datasets.Dataset:
+    """One source as an Arrow table with the FEATURES columns.
+
+    sha256: its files' hashes by manifest key ("train.src", "valid.file", ...), which key the Arrow cache; files
+    it lacks are hashed here (see _stamp)."""
     files, opt = source.files, source.options
+    if source.kind == "hub":
+        return _to_features(load_hub(source, cache_dir), opt, f"{opt['hub']} ({source.key}.hub)")
+    stamp = _stamp(source, sha256)
     if source.kind == "text":
-        stamp = _stamp([files["src"], files["tgt"]])
         return _from_batches(
             _text_pair_batches, {"src": str(files["src"]), "tgt": str(files["tgt"]), "stamp": stamp}, cache_dir
         )
     if source.kind == "tsv":
         kwargs = {"path": str(files["file"]), "src_col": opt["src_col"], "tgt_col": opt["tgt_col"]}
-        return _from_batches(_tsv_batches, {**kwargs, "stamp": _stamp([files["file"]])}, cache_dir)
-    if source.kind == "jsonl":
-        kwargs = {"path": str(files["file"]), "src_field": opt["src_field"], "tgt_field": opt["tgt_field"]}
-        return _from_batches(_jsonl_batches, {**kwargs, "stamp": _stamp([files["file"]])}, cache_dir)
-    if source.kind == "parquet":
-        raw = datasets.load_dataset("parquet", data_files=str(files["file"]), split="train", cache_dir=str(cache_dir))
-        return _to_features(raw, opt, str(files["file"]))
-    return _to_features(load_hub(source, cache_dir), opt, f"{opt['hub']} ({source.key}.hub)")
+        return _from_batches(_tsv_batches, {**kwargs, "stamp": stamp}, cache_dir)
+    kwargs = {"path": str(files["file"]), "src_field": opt["src_field"], "tgt_field": opt["tgt_field"]}
+    return _from_batches(
+        _jsonl_batches if source.kind == "jsonl" else _parquet_batches, {**kwargs, "stamp": stamp}, cache_dir
+    )
 
 
 def _to_features(raw: datasets.Dataset, opt: dict, origin: str) -> datasets.Dataset:
@@ -500,9 +548,9 @@ def load_hub(source: Source, cache_dir: Path) -> datasets.Dataset:
         ) from err
 
 
-def load_split(sources: list[Source], cache_dir: Path) -> datasets.Dataset:
-    """All sources of a split, concatenated in config order."""
-    parts = [load_source(s, cache_dir) for s in sources]
+def load_split(sources: list[Source], cache_dir: Path, sha256: Mapping[str, str] | None = None) -> datasets.Dataset:
+    """All sources of a split, concatenated in config order (sha256: see load_source)."""
+    parts = [load_source(s, cache_dir, sha256) for s in sources]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 

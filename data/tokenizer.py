@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from data.errors import VocabSizeError
+from data.atomic import write_bytes_atomic, write_text_atomic
+from data.errors import NoTrainingTextError, VocabSizeError
 from data.shards import token_dtype
 
 # Fixed special ids, the same for every vocabulary size: padding is 0 so a freshly zeroed tensor is all
@@ -48,18 +50,24 @@ def train_sentencepiece(
 ) -> Path:
     """Train a BPE model on `lines` (sentences, or a list of Path to plain/.gz text files); returns the .model.
 
-    Writes `<model_prefix>.model` and `<model_prefix>.vocab`. At WMT scale (9M lines counting both sides)
-    reading everything would need GBs of RAM, so sentencepiece keeps a uniform random sample of
-    `sample_lines` lines (reservoir sampling while it streams the iterator).
+    Writes `<model_prefix>.model` and `<model_prefix>.vocab`, each whole or not at all (data/atomic.py). At WMT
+    scale (9M lines counting both sides) reading everything would need GBs of RAM, so sentencepiece keeps a uniform
+    random sample of `sample_lines` lines (reservoir sampling while it streams the iterator).
+
+    The model is trained in memory (sentencepiece's model_writer) and written here: trained to files, sentencepiece
+    stores the path it wrote them under in the model, so two preparations of the same text gave different bytes.
+    The same text and settings now give the same spm.model, byte for byte (on machines with as many cores: the
+    model records num_threads).
     """
     if isinstance(lines, (list, tuple)) and lines and all(isinstance(p, Path) for p in lines):
         lines = _lines_of(lines)
     model_prefix = Path(model_prefix)
     spm.set_random_generator_seed(seed)  # the sample and BPE ties depend on it: same text -> same model
+    model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines),
-            model_prefix=str(model_prefix),
+            model_writer=model,  # in memory: no model_prefix, which would be stored in the model
             model_type="bpe",
             vocab_size=vocab_size,
             character_coverage=1.0,  # keep every character of both alphabets (umlauts, ß, ...)
@@ -73,7 +81,12 @@ def train_sentencepiece(
             minloglevel=1,  # sentencepiece's INFO log is hundreds of lines; warnings still show
         )
     except RuntimeError as err:
-        # sentencepiece's own words: "Vocabulary size too high (8000). Please set it to a value <= 803."
+        # sentencepiece's own words: "[!sentences_.empty()]" when every line was empty
+        if "sentences_.empty()" in str(err):
+            raise NoTrainingTextError(
+                "no text to train the BPE model on: every line given is empty; point the data config at the text"
+            ) from err
+        # and: "Vocabulary size too high (8000). Please set it to a value <= 803."
         if "Vocabulary size too high" not in str(err):
             raise
         limit = re.search(r"<=\s*(\d+)", str(err))
@@ -82,7 +95,17 @@ def train_sentencepiece(
             f"model.vocab_size={vocab_size} is more BPE tokens than the training text supports ({supported}); "
             "lower model.vocab_size (data.vocab_size follows it) or train on more text"
         ) from err
-    return model_prefix.with_name(model_prefix.name + ".model")
+    model_path = model_prefix.with_name(model_prefix.name + ".model")
+    # the vocabulary first: a run that finds the .model takes the training as done
+    write_text_atomic(model_prefix.with_name(model_prefix.name + ".vocab"), vocab_text(model.getvalue()))
+    write_bytes_atomic(model_path, model.getvalue())
+    return model_path
+
+
+def vocab_text(model: bytes) -> str:
+    """The .vocab file sentencepiece writes beside a model it trains to files: a piece, a tab, its score per id."""
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
 
 
 class Tokenizer:

@@ -9,6 +9,7 @@ returns one shape for both: a Lightning checkpoint dict whose "state_dict" holds
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import pickle
@@ -119,9 +120,15 @@ def _mtime(path: Path) -> float:
     return path.stat().st_mtime
 
 
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's entries without reading its tensors: a file's, memory-mapped; a DeepSpeed folder's Lightning
+    entries (global_step, hyper_parameters, ...)."""
+    return _ds_client_state(path) if path.is_dir() else _torch_load(path)
+
+
 def checkpoint_ref(path: Path) -> CheckpointRef:
     """The step and modification time of one checkpoint (file or DeepSpeed folder), read without its tensors."""
-    meta = _ds_client_state(path) if path.is_dir() else _torch_load(path)
+    meta = checkpoint_meta(path)
     if "global_step" not in meta:
         raise RunFolderError(f"{path} has no 'global_step': not a Lightning checkpoint written by `aiayn train`")
     return CheckpointRef(path=path, global_step=int(meta["global_step"]), mtime=_mtime(path))
@@ -193,15 +200,62 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def save_atomic(obj: Any, path: Path) -> None:
+class _KeepsWriteError:
+    """The file torch.save writes to, keeping the OSError a write raised: torch's writer swallows it and reports only
+    `unexpected pos N vs M` (fewer bytes written than it meant to), which hides a full disk."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def save_atomic(obj: Any, path: Path, fix: str | None = None) -> None:
     """torch.save to `<dir>/.<name>.tmp-<pid>`, flushed to disk, then renamed to `<dir>/<name>` (data/atomic.py).
 
     A rename within one directory replaces the file at once (POSIX): whenever the process is killed, `path` is the
     previous complete file or the new complete one, never half of one. Temp files left by a killed writer go.
+    A write that fails (a full disk, a read-only folder) is a RunFolderError naming `path`, why, and `fix` (default:
+    the previous file is intact, run the command again once there is room); the previous file stays as it was.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    name = glob.escape(path.name)
-    # left by a process killed while saving (`.<name>.<pid>.tmp`: by versions before data/atomic.py)
-    for stale in [*path.parent.glob(f".{name}.tmp-*"), *path.parent.glob(f".{name}.*.tmp")]:
-        stale.unlink(missing_ok=True)
-    atomic_write(path, lambda f: torch.save(obj, f))
+
+    def save(file: Any) -> None:
+        kept = _KeepsWriteError(file)
+        try:
+            torch.save(obj, kept)
+        except RuntimeError:
+            if kept.error is None:
+                raise
+            raise kept.error from None
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        name = glob.escape(path.name)
+        # left by a process killed while saving (`.<name>.<pid>.tmp`: by versions before data/atomic.py)
+        for stale in [*path.parent.glob(f".{name}.tmp-*"), *path.parent.glob(f".{name}.*.tmp")]:
+            stale.unlink(missing_ok=True)
+        atomic_write(path, save)
+    except OSError as error:
+        raise write_error(path, error, fix) from None
+
+
+def write_error(path: Path, error: OSError, fix: str | None = None) -> RunFolderError:
+    """A file that could not be written, in one line: which, why (a full disk said as such), what to do."""
+    # os.strerror: the system's words for errno alone (an error that already says more, data/atomic.py's, is not
+    # repeated inside this one)
+    reason = os.strerror(error.errno) if error.errno else (str(error) or type(error).__name__)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"the disk is full ({reason})"
+    if fix is None:
+        kept = f"the {path.name} there before is intact" if path.exists() else "nothing was left half-written"
+        fix = f"{kept}; free space there (or make it writable), then run the command again"
+    return RunFolderError(f"cannot write {path}: {reason}; {fix}")

@@ -31,9 +31,11 @@
 
 Overrides are Hydra's: `model=base`, `trainer.max_steps=50`, `data.max_tokens=2048`, ...
 Before a command starts, the config is checked once (pipeline/validate.py): the keys it reads, their types and
-ranges, and keys that must agree. A mistake is one line, `aiayn <command>: <key>=<value>: <what is wrong>; <the
-fix>`, and exit code 2; nothing has been written then (no run folder). A bad corpus or run folder is one line and
-exit code 1. Output piped into a reader that stops early (`aiayn plan | head`) ends the command quietly.
+ranges, keys that must agree, and the folders it writes to (run.dir no file, the output folder writable). A mistake
+is one line, `aiayn <command>: <key>=<value>: <what is wrong>; <the fix>`, and exit code 2; nothing has been written
+then (no run folder). A bad corpus, run folder or checkpoint (one of another model, a disk full while writing one)
+is one line and exit code 1. Output piped into a reader that stops early (`aiayn plan | head`) ends the command
+quietly.
 Sentences are not overrides (Hydra's grammar gives commas, quotes and brackets a meaning): `aiayn attention` takes
 its sentence as the first argument, quoted once for the shell, and a target as --target.
 """

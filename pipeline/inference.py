@@ -152,13 +152,16 @@ class Translator:
     max_tokens: int
     precision: str
     device: torch.device
+    nbest: int = 1  # hypotheses per line (the search's nbest)
 
     def __call__(self, lines: list[str]) -> list[list[tuple[float, str]]]:
-        """Each line's n-best (score, translation) list, in input order; an empty line gives [(nan, "")]."""
+        """Each line's n-best (score, translation) list, in input order. An empty line (nothing left once cleaned)
+        is not decoded: its list is nbest empty translations scored 0.0 (log-probability 0: the one translation of
+        nothing), so that every line gives nbest entries."""
         texts = self.cleaner.texts(lines)
         todo = [i for i, text in enumerate(texts) if text]
         sources = self.tokenizer.encode([texts[i] for i in todo])
-        results: list[list[tuple[float, str]]] = [[(float("nan"), "")] for _ in lines]
+        results: list[list[tuple[float, str]]] = [[(0.0, "")] * self.nbest for _ in lines]
         nbests = translate_ids(
             self.model,
             sources,
@@ -195,4 +198,5 @@ def translator_for(cfg: DictConfig, model: Transformer, tokenizer: Tokenizer, cl
         max_tokens=int(cfg.translate.max_tokens),
         precision=cfg.translate.precision,
         device=device,
+        nbest=int(cfg.translate.nbest),
     )

@@ -10,27 +10,47 @@ One W&B run per training run: Lightning's WandbLogger creates it on global rank 
 continues (a requeued SLURM job, `run.resume=last`) reopens the same run id with resume="allow", so its metrics
 append to the same W&B run; offline, each start writes one more offline-run folder with that id.
 
+A dashboard never costs the run: wandb.init waits at most INIT_TIMEOUT_S seconds for the server ($WANDB_INIT_TIMEOUT
+wins), and an online start that fails (no network, a server that refuses, WANDB_MODE=online without an API key) is
+said in one line and retried offline, into the same place an offline run goes (`wandb sync` uploads it later).
+
+Secrets: the values of keys that name one (SECRET_WORDS, by key pattern) are replaced by REDACTED wherever a config or
+a command line is written: W&B's config panel (redact), the command line W&B records (redacted_argv), and the run's
+config.yaml (pipeline/runs.py save_config).
+
+The CSV file of a run that continues (run.resume) is appended to, not replaced: its earlier segments' rows stay.
+
 wandb is a dependency of the package; where it is missing all the same (an environment installed without it), W&B
 logging is skipped with a one-line warning and the run goes on with the CSV file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import functools
 import importlib.util
 import netrc
 import os
 import re
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-# A key naming a secret, by its words ("hf_token", "WANDB_API_KEY", "apiKey", "db.password"), whose value never
-# reaches W&B's config panel. Whole words only: "max_tokens" and "tokens_per_update" are no secrets.
-SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials"}
+from data.atomic import write_bytes_atomic
+from pipeline.runs import LAST_NAME, checkpoints_dir
+from pipeline.secrets import redact, redact_args
+
+# The longest wandb.init waits for the W&B server before the run goes on offline (wandb's own default, 90 s, plus
+# its retries cost about 100 s); $WANDB_INIT_TIMEOUT, wandb's own variable, wins.
+INIT_TIMEOUT_S = 20.0
 # WANDB_MODE's legacy spellings (Lightning's WandbLogger itself sets WANDB_MODE=dryrun for offline runs).
 MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 
@@ -68,17 +88,16 @@ def _say_no_wandb() -> None:
     )
 
 
-def is_secret(key: object) -> bool:
-    return bool(SECRET_WORDS.intersection(re.split(r"[^a-z0-9]+", str(key).lower())))
-
-
-def redact(value):
-    """The config with the values of secret-naming keys (SECRET_WORDS) replaced, safe to log."""
-    if isinstance(value, dict):
-        return {k: "<redacted>" if is_secret(k) else redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
+@contextlib.contextmanager
+def redacted_argv() -> Iterator[None]:
+    """sys.argv with its secrets redacted (redact_args) for as long as the block runs: wandb.init records the
+    command line (sys.argv[1:], in the run's metadata) and has no public setting to leave it out."""
+    saved = sys.argv
+    sys.argv = [*saved[:1], *redact_args(saved[1:])]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def wandb_group(cfg: DictConfig) -> str | None:
@@ -138,31 +157,145 @@ def log_run_summary(cfg: DictConfig, run_dir: Path, values: dict[str, Any]) -> s
             "config": redact(OmegaConf.to_container(cfg, resolve=True)),
         }
     )
+    settings = wandb_settings(mode=mode, console="off")  # console off: no capture of this process's output
+    init = functools.partial(
+        wandb.init, project=wb.project, id=run_id, resume="allow", dir=str(run_dir), settings=settings, **new_run
+    )
     try:
-        run = wandb.init(
-            project=wb.project,
-            id=run_id,
-            resume="allow",
-            dir=str(run_dir),
-            mode=mode,
-            settings=wandb.Settings(console="off"),  # no capture of this process's output into the run
-            **new_run,
-        )
+        run = start_wandb(init, settings, online=mode == "online", run_dir=run_dir)
         run.summary.update(values)
     finally:
         finish_wandb()
     return run_id
 
 
+def wandb_settings(**settings: Any):
+    """wandb.Settings for a run of this pipeline: init_timeout INIT_TIMEOUT_S unless $WANDB_INIT_TIMEOUT sets it."""
+    import wandb
+
+    if not os.environ.get("WANDB_INIT_TIMEOUT"):
+        settings.setdefault("init_timeout", INIT_TIMEOUT_S)
+    return wandb.Settings(**settings)
+
+
+Started = TypeVar("Started")
+
+
+def start_wandb(init: Callable[[], Started], settings, online: bool, run_dir: Path) -> Started:
+    """init() (a wandb.init with `settings`), seeing a command line without secrets (redacted_argv). An online start
+    that fails, whatever the cause (the server unreachable or refusing, no API key), costs the run nothing: one line
+    says why, and init() runs again with settings.mode offline. An offline start that fails raises."""
+    with redacted_argv():
+        try:
+            return init()
+        except Exception as error:  # wandb.errors.CommError, UsageError, ...: whatever it is, offline is the cure
+            if not online:
+                raise
+            _say_offline(error, run_dir)
+            import wandb
+
+            # The failed run's stream stays registered in wandb's service ("run ID ... is in use" for the same id
+            # offline): a new service starts with the offline run.
+            wandb.teardown()
+            settings.mode = "offline"
+            return init()
+
+
+@rank_zero_only
+def _say_offline(error: Exception, run_dir: Path) -> None:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    print(
+        f"aiayn: W&B could not start online ({reason}); logging offline to {run_dir / 'wandb'} instead: upload it "
+        f"later with `wandb sync {run_dir / 'wandb'}/`",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class RunWandbLogger(WandbLogger):
+    """Lightning's WandbLogger, whose run (started on first use, on global rank 0 only) never costs the training
+    run: it starts through start_wandb (no secrets in the recorded command line, at most INIT_TIMEOUT_S of waiting
+    for the server, offline after one line if the online start fails)."""
+
+    def __init__(self, *, online: bool, **kwargs: Any) -> None:
+        self.wandb_settings = wandb_settings()  # the settings object wandb.init gets: start_wandb may set its mode
+        super().__init__(settings=self.wandb_settings, **kwargs)
+        self.online = online
+        self._run_started = False
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._run_started:
+            return super().experiment
+        run = start_wandb(
+            lambda: WandbLogger.experiment.fget(self), self.wandb_settings, self.online, Path(self.save_dir)
+        )
+        self._run_started = True
+        return run
+
+
+class ContinuedExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, continuing the metrics.csv that a run's earlier segments wrote: their rows and columns
+    stay, new rows are appended (new columns rewrite the file with the wider header, as Lightning's writer does).
+
+    Lightning's writer deletes an existing metrics.csv when it starts (in `_check_log_dir_exists`, the one hook it
+    has for that); here that hook keeps the file and reads its columns instead. A last row cut short (the process
+    killed while writing it) is dropped, so that the next row starts on a line of its own."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+            write_bytes_atomic(path, data)
+        self.metrics_keys = next(csv.reader(data.decode("utf-8", "replace").splitlines()[:1]), [])
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """Lightning's CSVLogger for a run that continues (a resume, a requeued job): logs/metrics.csv is appended to
+    (ContinuedExperimentWriter), where Lightning's CSVLogger would start it anew and lose the earlier steps' rows."""
+
+    def __init__(self, save_dir: Path) -> None:
+        super().__init__(save_dir=str(save_dir), name="logs", version="")
+        self.writer: ContinuedExperimentWriter | None = None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ContinuedExperimentWriter:
+        if self.writer is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self.writer = ContinuedExperimentWriter(log_dir=self.log_dir)
+        return self.writer
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self.writer is not None:
+            self.save()
+
+
+def continues(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether training continues a run in run_dir (what pipeline/runs.py resume_path decides, without reading
+    checkpoints): run.resume names a checkpoint or "last", or is "auto" and the run folder has a last.ckpt."""
+
+    resume = cfg.run.get("resume")
+    if resume == "auto":
+        return (checkpoints_dir(run_dir) / LAST_NAME).exists()
+    return bool(resume)
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    """The run's loggers: the CSV file (appended to when the run continues), and W&B when enabled."""
+    csv_logger = ContinuedCSVLogger(run_dir) if continues(cfg, run_dir) else CSVLogger(str(run_dir), "logs", "")
+    loggers: list[Logger] = [csv_logger]
     wb = cfg.logger.wandb
     mode = wandb_mode()
     if wb.enabled and mode != "disabled" and wandb_available():
-        from lightning.pytorch.loggers import WandbLogger
-
         loggers.append(
-            WandbLogger(
+            RunWandbLogger(
+                online=mode == "online",
                 project=wb.project,
                 group=wandb_group(cfg),
                 name=wb.name or run_dir.name,

@@ -195,6 +195,13 @@ def _save_topk_and_last(checkpoint: ModelCheckpoint, trainer: L.Trainer) -> None
     checkpoint._save_last_checkpoint(trainer, candidates)
 
 
+# A checkpoint that could not be written (a full disk): what the one-line error says after the path and the reason.
+WRITE_FAILED = (
+    "the checkpoints written before it are intact (last.ckpt: the newest); free space there, then continue the run "
+    "with run.resume=last"
+)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes checkpoints through data/atomic.py: a temporary file beside the target, flushed to disk, then renamed.
 
@@ -203,7 +210,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     checkpoint to a memory buffer, then to a temporary file in the system's temp folder, then moves it: when that
     folder is on another filesystem than the run (node-local /tmp, shared checkpoints), the move is a copy, and a
     kill during the copy leaves a truncated checkpoint under the final name. Remote paths (s3://...) keep the default.
-    A checkpoint whose weights are not all finite is refused (TrainingDiverged).
+    A checkpoint whose weights are not all finite is refused (TrainingDiverged); one that cannot be written (a full
+    disk: torch's "unexpected pos") stops the run with a one-line RunFolderError naming it (pipeline/checkpoints.py).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -213,4 +221,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or fsspec.utils.get_protocol(str(path)) != "file":
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        save_atomic(checkpoint, Path(path))
+        save_atomic(checkpoint, Path(path), fix=WRITE_FAILED)

@@ -12,9 +12,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from data.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
-from pipeline.checkpoints import readable_or_newest
+from pipeline.checkpoints import checkpoint_meta, readable_or_newest
 from pipeline.config import output_dir
 from pipeline.errors import RunFolderError
+from pipeline.secrets import redact
 
 AVERAGED_NAME = "averaged.ckpt"  # `aiayn average`'s output, in the run folder
 LAST_NAME = "last.ckpt"  # in <run>/checkpoints/: a copy of the newest checkpoint
@@ -67,6 +68,8 @@ def require_run_dir(cfg: DictConfig, command: str) -> Path:
             f"pass run.dir=<output_dir>/runs/<run> (the folder `aiayn train` printed)"
         )
     path = Path(cfg.run.dir).expanduser().resolve()
+    if path.is_file():
+        raise RunFolderError(f"run.dir={cfg.run.dir}: a file, not a run folder; pass the folder `aiayn train` printed")
     if not path.is_dir():
         raise RunFolderError(f"run.dir={cfg.run.dir}: no such folder ({path})")
     return path
@@ -120,6 +123,47 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     return resume
 
 
+def check_resume(cfg: DictConfig, checkpoint: str) -> None:
+    """Before a run resumes from `checkpoint` (resume_path): it holds the model this config builds, else the model
+    keys that differ are named (instead of Lightning's size mismatch per tensor once fit has started); and an
+    explicitly chosen checkpoint (run.resume=last or a path; not "auto", nor a requeued SLURM job: a job that had
+    finished) is before trainer.max_steps, else nothing would be trained."""
+    import os
+    from dataclasses import fields
+
+    from modules.config import TransformerConfig
+
+    path, resume = Path(checkpoint), cfg.run.resume
+    if path.is_dir() and not (path / "latest").is_file():  # not a DeepSpeed checkpoint folder: a run folder?
+        fix = (
+            f"to continue that run: run.dir={path} run.resume=last"
+            if checkpoints_dir(path).is_dir()
+            else "name a checkpoint file (or a DeepSpeed checkpoint folder)"
+        )
+        raise RunFolderError(f"run.resume={resume}: a folder, not a checkpoint; {fix}")
+    meta = checkpoint_meta(path)
+    theirs = (meta.get("hyper_parameters") or {}).get("model")
+    if isinstance(theirs, dict):
+        defaults = {f.name: f.default for f in fields(TransformerConfig)}  # a key an older checkpoint lacks
+        ours = {**defaults, **OmegaConf.to_container(cfg.model, resolve=True)}
+        theirs = {**defaults, **theirs}
+        differ = [key for key in defaults if ours[key] != theirs[key]]
+        if differ:
+            shown = ", ".join(f"model.{k}={ours[k]} (the checkpoint's: {theirs[k]})" for k in differ)
+            raise RunFolderError(
+                f"run.resume={resume}: {checkpoint} holds another model than this run's: {shown}; resume from a "
+                "checkpoint of this model, or set those keys as the checkpoint has them"
+            )
+    step, max_steps = meta.get("global_step"), cfg.trainer.get("max_steps")
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    chosen = resume != "auto" and not requeued
+    if chosen and isinstance(step, int) and isinstance(max_steps, int) and 0 <= max_steps <= step:
+        raise RunFolderError(
+            f"run.resume={resume}: {checkpoint} is at step {step} and trainer.max_steps={max_steps}, so nothing "
+            f"would be trained; set trainer.max_steps above {step}"
+        )
+
+
 def job_resume(cfg: DictConfig, command: str) -> str | None:
     """run.resume for a stage run as a job (SLURM or `aiayn run`): training continues an interrupted run
     ("auto", unless run.resume names one); other stages leave it as the user set it (None)."""
@@ -169,20 +213,27 @@ def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:
     """<run>/config.yaml, written once, when the run starts: a later start in the same folder (a resume, a requeued
     job) must have the same training settings, or it is refused with the keys that differ, and the file that other
-    commands read is never overwritten by another run's settings."""
+    commands read is never overwritten by another run's settings.
+
+    The values of keys that name a secret (`+extra.hf_token=...`; pipeline/loggers.py is_secret) are written as
+    `<redacted>`: secrets are no settings of the run, and a run folder is copied and shared. A later start is
+    compared with its secrets redacted the same way, so a secret given again (or another one) is no difference."""
+
     path = run_dir / CONFIG_NAME
+    plain = redact(OmegaConf.to_container(cfg, resolve=True))
+    redacted = OmegaConf.create(plain)
     if path.is_file():
         saved = training_settings(OmegaConf.load(path))
-        differ = [key for key in differing_keys(saved, training_settings(cfg)) if is_run_setting(key)]
+        differ = [key for key in differing_keys(saved, training_settings(redacted)) if is_run_setting(key)]
         if differ:
-            shown = ", ".join(f"{k}={OmegaConf.select(cfg, k)} (the run's: {_select(saved, k)})" for k in differ[:6])
+            shown = ", ".join(f"{k}={_select(plain, k)} (the run's: {_select(saved, k)})" for k in differ[:6])
             more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
             raise RunFolderError(
                 f"run.dir={run_dir} was started with other settings: {shown}{more}; start a new run folder, or "
                 f"drop those overrides (its {CONFIG_NAME} holds the run's own)"
             )
         return path
-    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(path, OmegaConf.to_yaml(redacted))
     return path
 
 

@@ -35,6 +35,7 @@ from pipeline.errors import RunFolderError
 from pipeline.jobs import run_stage
 from pipeline.preemption import REQUEUE_SIGNAL
 from pipeline.runs import job_resume
+from pipeline.secrets import redact_args
 
 _RUN_KEYS = re.compile(r"^[+~]*run\.(dir|resume)=")
 
@@ -50,7 +51,9 @@ class Job:
 
     @property
     def aiayn_command(self) -> str:
-        return shlex.join(["aiayn", self.command, *self.overrides])
+        """The command the job runs, as printed and written into its script: secrets redacted (pipeline/loggers.py);
+        the job itself gets the overrides whole, in submitit's pickle."""
+        return shlex.join(["aiayn", self.command, *redact_args(self.overrides)])
 
     @property
     def submitit_command(self) -> str:

@@ -209,7 +209,7 @@ def build_run(cfg: DictConfig, directory: Path | None = None) -> Run:
     """Every part of the run the config describes, in its run folder (run.dir, or a new timestamped one; created,
     with its config.yaml): the data module, the LightningModule, the trainer with its callbacks and loggers, and
     the accumulation that train.tokens_per_update asks for, set on both trainer and data."""
-    from pipeline.runs import CONFIG_NAME
+    from pipeline.runs import CONFIG_NAME, check_resume
     from pipeline.validate import validate
 
     # First: a config that cannot train leaves nothing behind (`aiayn train` checked it already). A run that started
@@ -218,6 +218,8 @@ def build_run(cfg: DictConfig, directory: Path | None = None) -> Run:
     validate(cfg, "train", started=given is not None and (given / CONFIG_NAME).is_file())
     directory = directory or new_run_dir(cfg)
     resume_from = resume_path(cfg, directory)
+    if resume_from is not None:  # its model and step, before anything is written (pipeline/runs.py)
+        check_resume(cfg, resume_from)
     existing = sorted(checkpoints_dir(directory).glob("*.ckpt")) if directory.is_dir() else []
     if existing and resume_from is None:
         raise RunFolderError(

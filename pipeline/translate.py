@@ -12,7 +12,8 @@ else its checkpoints/last.ckpt (pipeline/runs.py's resolve_checkpoint). The BPE 
 the exported folder's); a model whose vocabulary is another size is refused.
 
 Decoding: translate.beam, alpha, nbest, max_extra default to the evaluate.* keys (section 6.1). With nbest > 1 each
-sentence gives nbest lines `<line index>\\t<score>\\t<translation>`, best first (fairseq's H- lines, without the H-).
+sentence gives nbest lines `<line index>\\t<score>\\t<translation>`, best first (fairseq's H- lines, without the H-);
+an empty line too: nbest lines with an empty translation, scored 0.0000, so that every line index has nbest lines.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def load_translator(cfg: DictConfig) -> tuple[Translator, Path]:
 
 
 def format_nbest(index: int, nbest: list[tuple[float, str]], n: int) -> list[str]:
-    """The output lines of input line `index`: its translation, or with n > 1 `index\\tscore\\ttranslation` lines."""
+    """The output lines of input line `index`: its translation, or with n > 1 `index\\tscore\\ttranslation` lines, one
+    per hypothesis of `nbest` (n of them: pipeline/inference.py's Translator gives an empty line n too)."""
     if n == 1:
         return [nbest[0][1]]
     return [f"{index}\t{score:.4f}\t{text}" for score, text in nbest]

@@ -7,7 +7,8 @@ Two steps:
   (`model=bsae`), a key that does not exist (`model.d_modle=256`, with a did-you-mean), a `${...}` that does not
   resolve.
 - `validate(cfg, command)` checks the values the command reads (READS): each key of RULES (type and range, or the
-  allowed values), the keys of the closed sections (CLOSED: a `+model.d_modle=256` that Hydra accepts), then the
+  allowed values), the keys of the closed sections (CLOSED: a `+model.d_modle=256` that Hydra accepts), the
+  folders on disk (a run.dir that is a file; an output folder or run folder that cannot be written), then the
   cross-key rules (CROSS_CHECKS: divisibility, vocabulary against the tokenizer, tokens per update against world x
   max_tokens, checkpoints kept against checkpoints averaged, precision against the device, ...). Keys a command
   does not read never block it (`aiayn prepare data=tiny` does not care about model.vocab_size).
@@ -20,8 +21,11 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import re
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -70,12 +74,14 @@ class Check:
     kind: str  # what a value of the wrong type is not: "an integer"
     is_kind: Callable[[Any], bool]
     in_range: Callable[[Any], bool] = lambda value: True
+    why: Callable[[Any], str | None] = lambda value: None  # what an out-of-range value would do, if worth saying
 
     def problem(self, value: Any) -> str | None:
         if not self.is_kind(value):
             return f"not {self.kind}"
         if not self.in_range(value):
-            return "out of range"
+            why = self.why(value)
+            return f"out of range ({why})" if why else "out of range"
         return None
 
     def fix(self, key: str, value: Any) -> str:
@@ -119,7 +125,56 @@ NON_NEGATIVE = Check("a number >= 0", "a number", _is_number, lambda v: v >= 0)
 PROBABILITY = Check("a number in [0, 1)", "a number", _is_number, lambda v: 0 <= v < 1)
 FRACTION_OF_PEAK = Check("a number in (0, 1]", "a number", _is_number, lambda v: 0 < v <= 1)
 BOOL = Check("true or false", "true or false", lambda v: isinstance(v, bool))
-STEPS = Check("a positive integer, or -1 (no limit)", "an integer", _is_int, lambda v: v > 0 or v == -1)
+NOTHING_TRAINED = "nothing would be trained"  # a limit of 0 steps, epochs, batches or seconds
+STEPS = Check(
+    "a positive integer, or -1 (no limit)",
+    "an integer",
+    _is_int,
+    lambda v: v > 0 or v == -1,
+    lambda v: NOTHING_TRAINED if v == 0 else None,
+)
+MAX_EPOCHS = Check(
+    "a positive integer, or -1 (no limit)",
+    "an integer or null",
+    lambda v: v is None or _is_int(v),
+    lambda v: v is None or v > 0 or v == -1,  # null: Lightning's default (1000 epochs without max_steps)
+    lambda v: NOTHING_TRAINED if v == 0 else None,
+)
+TRAIN_BATCHES = Check(
+    "a positive integer (batches per epoch) or a fraction in (0, 1]",
+    "a number",
+    _is_number,
+    lambda v: v > 0 and (_is_int(v) or v <= 1),
+    lambda v: NOTHING_TRAINED if v == 0 else None,
+)
+
+
+def duration_seconds(value: Any) -> float | None:
+    """trainer.max_time in seconds, as Lightning's Timer reads it: "DD:HH:MM:SS" or a dict of timedelta's
+    arguments ({hours: 5}); None if it is neither."""
+    from datetime import timedelta
+
+    if isinstance(value, str):
+        match = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", value.strip())
+        if not match:
+            return None
+        days, hours, minutes, seconds = (int(g) for g in match.groups())
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds).total_seconds()
+    if isinstance(value, dict):
+        try:
+            return timedelta(**value).total_seconds()
+        except TypeError:
+            return None
+    return None
+
+
+MAX_TIME = Check(
+    'a duration "DD:HH:MM:SS" above zero, or null (no time limit)',
+    'a duration "DD:HH:MM:SS" or null',
+    lambda v: v is None or duration_seconds(v) is not None,
+    lambda v: v is None or duration_seconds(v) > 0,
+    lambda v: NOTHING_TRAINED,
+)
 TOP_K = Check("a positive integer, or -1 (keep all)", "an integer", _is_int, lambda v: v > 0 or v == -1)
 BETAS = Check(
     "two numbers in [0, 1), e.g. [0.9, 0.98]",
@@ -170,6 +225,9 @@ RULES: dict[str, Check] = {
     "train.tokens_per_update": optional(POSITIVE_INT),
     "trainer.precision": one_of(*TRAINING_PRECISIONS, aliases=PRECISION_ALIASES),
     "trainer.max_steps": STEPS,
+    "trainer.max_epochs": MAX_EPOCHS,
+    "trainer.max_time": MAX_TIME,
+    "trainer.limit_train_batches": TRAIN_BATCHES,
     "trainer.num_nodes": POSITIVE_INT,
     "trainer.accumulate_grad_batches": POSITIVE_INT,
     "trainer.log_every_n_steps": POSITIVE_INT,
@@ -484,6 +542,66 @@ def unknown_key(key: str, value: Any, known: Iterable[str], closed: bool) -> Con
     return ConfigError(key, value, "no such key", fix)
 
 
+# -- places on disk ---------------------------------------------------------------------------------------------
+# Commands that write under paths.output_dir (prepared data, run folders), and those of them that write a run folder.
+WRITERS = ("train", "prepare", "run", "submit")
+RUN_WRITERS = ("train", "run", "submit")
+
+
+def unwritable(folder: Path) -> tuple[str, Path, bool] | None:
+    """None if a file can be created in `folder` (where it does not exist yet: in the nearest folder above it, where
+    it would be created); else what is wrong, that folder, and whether it can be fixed by making it writable (not
+    when it is a file). The probe is an anonymous temporary file: nothing is left behind."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return (
+            ("a file, not a folder" if existing == folder else f"{existing} is a file, not a folder"),
+            existing,
+            False,
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        problem = f"cannot be written ({why})" if existing == folder else f"cannot be created in {existing} ({why})"
+        return problem, existing, True
+    return None
+
+
+def _refuse_unwritable(key: str, value: Any, folder: Path, also: str = "") -> None:
+    found = unwritable(folder)
+    if found is not None:
+        problem, where, fixable = found
+        fix = f"set {key}{also} to a folder you can write to" + (f", or make {where} writable" if fixable else "")
+        raise ConfigError(key, value, problem, fix)
+
+
+def _places(cfg: DictConfig, command: str | None) -> None:
+    """run.dir names no file; the folders a writing command writes to can be written (a read-only output folder would
+    otherwise fail with a traceback once the run started)."""
+    run_dir = _select(cfg, "run.dir") if reads(command, "run.dir") else None
+    run_dir = None if run_dir is _ABSENT or not run_dir else Path(str(run_dir)).expanduser()
+    if run_dir is not None and run_dir.is_file():
+        fix = (
+            "set run.dir to a new folder's path (or to a run's folder, with run.resume=last to continue it)"
+            if command in RUN_WRITERS
+            else "set run.dir to a run's folder (the one `aiayn train` printed)"
+        )
+        raise ConfigError("run.dir", cfg.run.dir, "a file, not a folder", fix)
+    if command not in WRITERS:
+        return
+    output = _select(cfg, "paths.output_dir")
+    if output is not _ABSENT and output:
+        _refuse_unwritable(
+            "paths.output_dir", output, Path(str(output)).expanduser().resolve(), " (or AIAYN_OUTPUT_DIR)"
+        )
+    if command in RUN_WRITERS and run_dir is not None:
+        _refuse_unwritable("run.dir", cfg.run.dir, run_dir.resolve())
+
+
 def validate(cfg: DictConfig, command: str | None = None, started: bool = False) -> None:
     """Raise a ConfigError for the first key `command` reads (every key if None) that cannot run.
 
@@ -500,6 +618,7 @@ def validate(cfg: DictConfig, command: str | None = None, started: bool = False)
         if problem:
             raise ConfigError(key, value, problem, check.fix(key, value))
     _closed_keys(cfg, command)
+    _places(cfg, command)
     for keys, rule in () if started else CROSS_CHECKS:
         if all(reads(command, k) for k in keys) and all(_select(cfg, k) is not _ABSENT for k in keys):
             error = rule(cfg, command)

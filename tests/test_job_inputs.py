@@ -50,3 +50,12 @@ def test_run_name_cannot_leave_the_runs_folder(name: str, tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "run.name=" in err and err.count("\n") == 1, err
     assert not (tmp_path / "escaped").exists() and not (out / "runs").exists()
+
+
+def test_a_secret_override_is_not_written_into_the_job_script(tmp_path: Path) -> None:
+    """Issue 20, point 2: the script's `# runs:` line (and what `aiayn submit` prints) shows a secret override's value
+    redacted; the job itself still gets it (submitit's pickle)."""
+    cfg = load_config(["cluster=slurm"])
+    job = make_job(cfg, "train", ["+extra.hf_token=hf_do_not_log_me"], tmp_path / "run")
+    assert "hf_do_not_log_me" not in job.aiayn_command and "hf_do_not_log_me" not in "\n".join(job.parameters["setup"])
+    assert "+extra.hf_token=hf_do_not_log_me" in job.overrides

@@ -13,7 +13,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 
 from pipeline.config import load_config
-from pipeline.loggers import build_loggers, redact, wandb_group, wandb_mode, wandb_run_id
+from pipeline.loggers import build_loggers, wandb_group, wandb_mode, wandb_run_id
+from pipeline.secrets import redact
 
 
 @pytest.fixture
