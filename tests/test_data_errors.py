@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import tiny_corpus
-from tiny_corpus import write_tiny_corpus
+from tiny_corpus import tiny_data_cfg, write_tiny_corpus
 
 from data.clean import Cleaner
 from data.corpus import ParallelCorpus
@@ -39,26 +39,8 @@ from data.tokenizer import train_sentencepiece
 
 def data_cfg(corpora_dir: Path, splits: dict | None = None, **clean) -> dict:
     """conf/data/tiny.yaml as a plain dict, with other splits or cleaning settings."""
-    return {
-        "name": "tiny",
-        "corpora_dir": str(corpora_dir),
-        "src_lang": "en",
-        "tgt_lang": "de",
-        "splits": splits
-        or {
-            "train": {"src": "tiny/train.en", "tgt": "tiny/train.de"},
-            "valid": {"tsv": "tiny/valid.tsv"},
-            "test": {"jsonl": "tiny/test.jsonl"},
-        },
-        "clean": clean,
-        "vocab_size": 100,
-        "spm_sample_lines": 100_000,
-        "max_len": 64,
-        "max_tokens": 512,
-        "shard_lines": 64,
-        "num_workers": 0,
-        "num_prepare_workers": 1,  # in this process: a pool's start-up costs more than these few shards
-    }
+    cfg = tiny_data_cfg(corpora_dir, clean=clean)
+    return {**cfg, "splits": splits} if splits else cfg
 
 
 def corpus(tmp_path: Path, spec: dict, split: str = "train", **clean) -> ParallelCorpus:

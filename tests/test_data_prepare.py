@@ -21,6 +21,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
+from tiny_corpus import tiny_data_cfg
 
 from data import (
     CorpusFileNotFoundError,
@@ -58,26 +59,15 @@ def write_text(path: Path, lines: list[str]) -> Path:
 
 
 def data_cfg(corpora_dir: Path, **overrides):
-    cfg = {
-        "name": "tiny",
-        "corpora_dir": str(corpora_dir),
-        "src_lang": "en",
-        "tgt_lang": "de",
-        "splits": {
-            "train": {"src": "tiny/train.en.gz", "tgt": "tiny/train.de.gz"},  # gzip
-            "valid": {"src": "tiny/val.en", "tgt": "tiny/val.de"},  # plain text
-            "test": {"src": "tiny/test.en", "tgt": "tiny/test.de"},
-        },
-        "vocab_size": 200,
-        "spm_sample_lines": 100_000,
-        "max_len": MAX_LEN,
-        "max_tokens": 512,
-        "shard_lines": 64,  # several shards, so indexing across shard boundaries is exercised
-        "num_workers": 0,
-        "num_prepare_workers": 1,  # in this process: a pool's start-up costs more than these few shards
+    """tests/tiny_corpus.py's tiny config over this file's own corpus: gzip train, plain-text valid and test."""
+    splits = {
+        "train": {"src": "tiny/train.en.gz", "tgt": "tiny/train.de.gz"},  # gzip
+        "valid": {"src": "tiny/val.en", "tgt": "tiny/val.de"},  # plain text
+        "test": {"src": "tiny/test.en", "tgt": "tiny/test.de"},
     }
-    cfg.update(overrides)
-    return OmegaConf.create(cfg)
+    # shard_lines 64 (the default there): several shards, so indexing across shard boundaries is exercised
+    defaults = {"splits": splits, "vocab_size": 200, "max_len": MAX_LEN}
+    return OmegaConf.create(tiny_data_cfg(corpora_dir, **{**defaults, **overrides}))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 from omegaconf import OmegaConf
-from tiny_corpus import write_tiny_corpus
+from tiny_corpus import tiny_data_cfg, write_tiny_corpus
 
 import data.atomic
 import data.shards
@@ -49,27 +49,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def data_cfg(corpora_dir: Path, **overrides) -> dict:
-    """conf/data/tiny.yaml as a plain dict, over the made-up corpus of tests/tiny_corpus.py."""
-    cfg = {
-        "name": "tiny",
-        "corpora_dir": str(corpora_dir),
-        "src_lang": "en",
-        "tgt_lang": "de",
-        "splits": {
-            "train": {"src": "tiny/train.en", "tgt": "tiny/train.de"},
-            "valid": {"tsv": "tiny/valid.tsv"},
-            "test": {"jsonl": "tiny/test.jsonl"},
-        },
-        "clean": {},
-        "vocab_size": 100,
-        "spm_sample_lines": 100_000,
-        "max_len": 64,
-        "max_tokens": 512,
-        "shard_lines": 64,
-        "num_workers": 0,
-        "num_prepare_workers": 1,  # in this process: a pool's start-up costs more than these few shards
-    }
-    return {**cfg, **overrides}
+    return tiny_data_cfg(corpora_dir, **overrides)
 
 
 @pytest.fixture(scope="module")
