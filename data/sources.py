@@ -513,7 +513,8 @@ def _to_features(raw: datasets.Dataset, opt: dict, origin: str) -> datasets.Data
 
 
 def _hub_reachable(timeout: float) -> str | None:
-    """None if the Hub's host answers within `timeout` seconds, else why not (so no 30 s of retries)."""
+    """None if the Hub's host answers within `timeout` seconds, else why not (so a missing network fails at once
+    instead of after the client's retries)."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE:

@@ -39,7 +39,7 @@ class Decoding:
         if self.beam < 1:
             raise ValueError(f"beam={self.beam}: the beam size must be at least 1 (1 is greedy search)")
         if not 1 <= self.nbest <= self.beam:
-            raise ValueError(f"nbest={self.nbest}: must be between 1 and beam={self.beam}")
+            raise ValueError(f"nbest={self.nbest}: must be between 1 and the beam size, {self.beam}")
         if self.alpha < 0:
             raise ValueError(f"alpha={self.alpha}: the length penalty's α must be >= 0 (the paper: 0.6)")
 

@@ -106,7 +106,7 @@ def attention_figure(weights: torch.Tensor, query_labels: list[str], key_labels:
 
     Heads sit HEADS_PER_ROW to a row and share their axes: query pieces label the first column, key pieces the
     bottom row. Panels are placed at fixed sizes in inches rather than by matplotlib's constrained layout, which
-    measured several times slower here (it measures the extent of every tick label, more than once).
+    measures the extent of every tick label, more than once, for a layout that fixed sizes give directly.
     """
     heads, n_queries, n_keys = weights.shape
     cols = min(heads, HEADS_PER_ROW)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from data.atomic import atomic_write
+from data.atomic import atomic_write, remove_stale_temp_files
 from pipeline.errors import RunFolderError
 
 # DeepSpeed's own file names (deepspeed/runtime/engine.py): rank 0's model states under ZeRO 0-2, then ZeRO-3.
@@ -239,9 +239,8 @@ def save_atomic(obj: Any, path: Path, fix: str | None = None) -> None:
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        name = glob.escape(path.name)
-        # left by a process killed while saving (`.<name>.<pid>.tmp`: by versions before data/atomic.py)
-        for stale in [*path.parent.glob(f".{name}.tmp-*"), *path.parent.glob(f".{name}.*.tmp")]:
+        remove_stale_temp_files(path.parent)  # left by a process killed while saving
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # the same, by older versions
             stale.unlink(missing_ok=True)
         atomic_write(path, save)
     except OSError as error:

@@ -15,11 +15,11 @@ GB = 1e9  # the ZeRO paper's and the GPU datasheets' unit: 10^9 bytes
 
 # -- hardware ---------------------------------------------------------------------------------------------------
 # Model FLOPs utilization (useful FLOPs / peak, Chowdhery et al. 2022, PaLM, appendix B) assumed when
-# cluster.mfu is null. GPUs: 0.4, a typical value for a tuned data-parallel run of a model this size (an
-# assumption: the paper's own 0.4 s base steps on 8 P100s, section 5.2, are ~0.3 of 9.5 TFLOPS by this formula).
+# cluster.mfu is null. GPUs: a typical value for a tuned data-parallel run of a model this size (an assumption;
+# the paper's own base step time, section 5.2, gives about the same by this file's formula).
 GPU_MFU = 0.4
-# This host: 0.0035 (small) and 0.0039 (base) from bench/train_throughput.json's bf16-mixed target tokens/s x
-# FLOPs per token (plan.src_len=14.3 plan.tgt_len=14.8, Multi30k) / 2.5 TFLOP/s: small kernels on 2 busy cores.
+# The project's CPU host, derived from bench/train_throughput.json (target tokens/s x FLOPs per token / the peak
+# below): small matmuls on a few busy cores use little of the peak.
 CPU_MFU = 0.004
 
 
@@ -51,8 +51,8 @@ ACCELERATORS: dict[str, Accelerator] = {
     # The paper's own value, Table 2 footnote 5: "We used values of 2.8, 3.7, 6.0 and 9.5 TFLOPS for K80, K40,
     # M40 and P100, respectively" (single precision: the P100 of 2017 trained in fp32). P100 datasheet: 16 GB.
     "p100": Accelerator(9.5e12, "fp32", 16),
-    # This project's 2-core development host, bf16 matmuls on AMX: ~2.5 TFLOP/s as measured by the project; the
-    # shared host's load moves it (bench/train_throughput.json's same-run 2048^3 matmul: 1.52 TFLOP/s).
+    # This project's development host, bf16 matmuls on AMX; the measured peak varies with the shared host's load
+    # (bench/train_throughput.json and bench/step_profile.json record it beside each run).
     "cpu": Accelerator(2.5e12, "bf16", None, mfu=CPU_MFU),
 }
 

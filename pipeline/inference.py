@@ -4,6 +4,7 @@ config asks for, and raw text translated with the training text's cleaning and B
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,8 @@ def make_search(cfg: DictConfig, bos_id: int, eos_id: int, section: str = "evalu
     description for eval-<split>.json (modules/decoding.py's Decoding)."""
     try:
         decoding = Decoding(int(cfg.beam), float(cfg.alpha), int(cfg.nbest), int(cfg.max_extra))
-    except ValueError as error:
-        message = str(error).replace("beam=", f"{section}.beam=")  # "nbest=5: ... beam=4" names both keys
-        raise RunFolderError(message if message.startswith(f"{section}.") else f"{section}.{message}") from None
+    except ValueError as error:  # "<field>=<value>: ..." names the key within the section
+        raise RunFolderError(f"{section}.{error}") from None
     return decoding.search(bos_id, eos_id), decoding.describe()
 
 
@@ -154,10 +154,12 @@ class Translator:
     device: torch.device
     nbest: int = 1  # hypotheses per line (the search's nbest)
 
-    def __call__(self, lines: list[str]) -> list[list[tuple[float, str]]]:
+    def __call__(
+        self, lines: list[str], progress: Callable[[int], None] | None = None
+    ) -> list[list[tuple[float, str]]]:
         """Each line's n-best (score, translation) list, in input order. An empty line (nothing left once cleaned)
         is not decoded: its list is nbest empty translations scored 0.0 (log-probability 0: the one translation of
-        nothing), so that every line gives nbest entries."""
+        nothing), so that every line gives nbest entries. progress: called with each decoded batch's size."""
         texts = self.cleaner.texts(lines)
         todo = [i for i, text in enumerate(texts) if text]
         sources = self.tokenizer.encode([texts[i] for i in todo])
@@ -171,6 +173,7 @@ class Translator:
             self.max_tokens,
             self.device,
             self.precision,
+            progress,
         )
         for i, nbest in zip(todo, nbests, strict=True):
             decoded = self.tokenizer.decode([hyp.tokens for hyp in nbest])

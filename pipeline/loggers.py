@@ -48,8 +48,8 @@ from data.atomic import write_bytes_atomic
 from pipeline.runs import LAST_NAME, checkpoints_dir
 from pipeline.secrets import redact, redact_args
 
-# The longest wandb.init waits for the W&B server before the run goes on offline (wandb's own default, 90 s, plus
-# its retries cost about 100 s); $WANDB_INIT_TIMEOUT, wandb's own variable, wins.
+# The longest wandb.init waits for the W&B server before the run goes on offline: wandb's own default, with its
+# retries, would hold the run far longer; $WANDB_INIT_TIMEOUT, wandb's own variable, wins.
 INIT_TIMEOUT_S = 20.0
 # WANDB_MODE's legacy spellings (Lightning's WandbLogger itself sets WANDB_MODE=dryrun for offline runs).
 MODE_ALIASES = {"dryrun": "offline", "run": "online"}

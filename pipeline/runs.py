@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from data.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from modules.config import TransformerConfig
 from pipeline.checkpoints import checkpoint_meta, readable_or_newest
 from pipeline.config import output_dir
 from pipeline.errors import RunFolderError
@@ -128,11 +131,6 @@ def check_resume(cfg: DictConfig, checkpoint: str) -> None:
     keys that differ are named (instead of Lightning's size mismatch per tensor once fit has started); and an
     explicitly chosen checkpoint (run.resume=last or a path; not "auto", nor a requeued SLURM job: a job that had
     finished) is before trainer.max_steps, else nothing would be trained."""
-    import os
-    from dataclasses import fields
-
-    from modules.config import TransformerConfig
-
     path, resume = Path(checkpoint), cfg.run.resume
     if path.is_dir() and not (path / "latest").is_file():  # not a DeepSpeed checkpoint folder: a run folder?
         fix = (

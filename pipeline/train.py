@@ -36,18 +36,23 @@ from pipeline.errors import RunFolderError
 from pipeline.host import reuse_freed_memory
 from pipeline.loggers import build_loggers, finish_wandb
 from pipeline.resume import AtomicCheckpointIO, RNGState, UpdateCheckpoint
-from pipeline.runs import DATASET_KEY, checkpoints_dir, new_run_dir, record_dataset, resume_path, save_config
+from pipeline.runs import (
+    CONFIG_NAME,
+    DATASET_KEY,
+    check_resume,
+    checkpoints_dir,
+    new_run_dir,
+    record_dataset,
+    resume_path,
+    save_config,
+)
 from pipeline.strategies import build_strategy
+from pipeline.validate import validate
 
 
 def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
     announce(f"run folder: {directory}")  # first: where to look while the run starts
-    minutes = cfg.checkpoint.get("every_n_minutes")
-    if minutes and cfg.checkpoint.every_n_train_steps:
-        raise ValueError(
-            f"checkpoint.every_n_train_steps={cfg.checkpoint.every_n_train_steps} and checkpoint.every_n_minutes="
-            f"{minutes} both set the cadence: set the other to null"
-        )
+    minutes = cfg.checkpoint.get("every_n_minutes")  # or every_n_train_steps: one of them (pipeline/validate.py)
     checkpoints = UpdateCheckpoint(
         dirpath=directory / "checkpoints",
         filename="step{step:07d}",
@@ -97,14 +102,9 @@ def build_trainer(cfg: DictConfig, directory: Path) -> L.Trainer:
 
 def accumulation(cfg: DictConfig, world_size: int) -> int:
     """Micro-batches per optimizer update: from train.tokens_per_update, else trainer.accumulate_grad_batches."""
-    tokens_per_update = cfg.train.tokens_per_update
+    tokens_per_update = cfg.train.tokens_per_update  # never both (pipeline/validate.py)
     if not tokens_per_update:
         return int(cfg.trainer.accumulate_grad_batches)
-    if cfg.trainer.accumulate_grad_batches != 1:
-        raise ValueError(
-            f"train.tokens_per_update={tokens_per_update} and trainer.accumulate_grad_batches="
-            f"{cfg.trainer.accumulate_grad_batches} both set the accumulation: drop one of them"
-        )
     return accumulation_steps(tokens_per_update, cfg.data.max_tokens, world_size)
 
 
@@ -209,9 +209,6 @@ def build_run(cfg: DictConfig, directory: Path | None = None) -> Run:
     """Every part of the run the config describes, in its run folder (run.dir, or a new timestamped one; created,
     with its config.yaml): the data module, the LightningModule, the trainer with its callbacks and loggers, and
     the accumulation that train.tokens_per_update asks for, set on both trainer and data."""
-    from pipeline.runs import CONFIG_NAME, check_resume
-    from pipeline.validate import validate
-
     # First: a config that cannot train leaves nothing behind (`aiayn train` checked it already). A run that started
     # before (its config.yaml is there) keeps the settings it started with: the cross-key rules are for new runs.
     given = directory or (Path(cfg.run.dir).expanduser() if cfg.run.get("dir") else None)

@@ -19,11 +19,10 @@ an empty line too: nbest lines with an empty translation, scored 0.0000, so that
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from omegaconf import DictConfig
 
@@ -99,19 +98,7 @@ def main(cfg: DictConfig) -> None:
                 lines = _read_lines(f)
         # Progress on stderr (stdout may be the translations): a bar on a terminal, else a line every few seconds.
         with Progress(total=sum(1 for line in lines if line.strip()), desc="translate", stream=sys.stderr) as progress:
-            translations = with_progress(translator, progress.update)(lines)
+            translations = translator(lines, progress.update)
         for index, nbest in enumerate(translations):
             out.writelines(text + "\n" for text in format_nbest(index, nbest, n))
         out.flush()
-
-
-def with_progress(translator: Translator, progress: Callable[[int], None]) -> Translator:
-    """The translator, calling progress with each decoded batch's number of sentences (its search's batch size)."""
-    search = translator.search
-
-    def counted(model: Any, src: Any) -> Any:
-        hypotheses = search(model, src)
-        progress(len(hypotheses))
-        return hypotheses
-
-    return replace(translator, search=counted)

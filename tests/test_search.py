@@ -291,7 +291,7 @@ def test_make_search_follows_the_evaluate_keys() -> None:
     search, description = make_search(OmegaConf.create({**keys, "beam": 1, "nbest": 1}), BOS, EOS)
     assert description == {"search": "greedy", "max_extra": 6}
     assert [hyps[0].tokens for hyps in search(model, src)] == greedy_search(model, src, BOS, EOS, max_extra=6)
-    with pytest.raises(RunFolderError, match="evaluate.nbest=5: must be between 1 and evaluate.beam=4"):
+    with pytest.raises(RunFolderError, match="evaluate.nbest=5: must be between 1 and the beam size, 4"):
         make_search(OmegaConf.create({**keys, "nbest": 5}), BOS, EOS)
 
 
