@@ -167,8 +167,16 @@ class UpdateCheckpoint(ModelCheckpoint):
     ) -> None:
         self._update_ended = trainer.global_step != self._step
         self._step = trainer.global_step
-        if self._update_ended:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, idx)
+        if not self._update_ended:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, idx)
+        if getattr(self, "_defer_save_until_validation", False):
+            # Lightning (2.6) puts off a save that falls on an epoch's last batch until the validation it expects
+            # there, for fresh metrics; validation every val_check_interval steps (check_val_every_n_epoch: null)
+            # does not run there, so the checkpoint was lost, or written at a later step under that step's name.
+            # The monitored value is the step itself, never stale: saved now.
+            self._defer_save_until_validation = False
+            _save_topk_and_last(self, trainer)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Called on every rank for every resumable checkpoint (weights-only ones skip callbacks), whoever saves it.

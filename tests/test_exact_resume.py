@@ -404,3 +404,34 @@ def test_the_end_of_a_fit_is_not_saved_inside_an_update(tmp_path: Path) -> None:
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=2))
     assert trainer.global_step == 2
     assert model.saved_at == []
+
+
+class _ToyWithValidation(_Toy):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+
+def test_a_save_on_an_epochs_last_batch_is_written_at_its_step(tmp_path: Path) -> None:
+    """Epochs of 6 updates, a save every 3 updates named by step as `aiayn train` names them, validation every 5
+    updates (check_val_every_n_epoch null, as conf/trainer/*.yaml): Lightning's ModelCheckpoint puts the saves at
+    updates 6 and 12 (epoch ends) off to a validation that does not come there, so they are lost and a file named
+    by the next validation's step appears instead; UpdateCheckpoint writes each at its step."""
+    data = torch.utils.data.TensorDataset(torch.randn(12, 4), torch.randn(12, 1))
+    loader = torch.utils.data.DataLoader(data, batch_size=2)  # 6 batches
+    found = {}
+    for cls in (ModelCheckpoint, UpdateCheckpoint):
+        folder = tmp_path / cls.__name__
+        checkpoint = cls(
+            dirpath=folder, filename="step{step:07d}", auto_insert_metric_name=False, every_n_train_steps=3,
+            save_top_k=-1, monitor="step", mode="max", save_last=True,
+        )  # fmt: skip
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=14, val_check_interval=5, check_val_every_n_epoch=None, limit_val_batches=1,
+            callbacks=[checkpoint], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(_ToyWithValidation(), loader, loader)
+        found[cls] = {f.name: torch.load(f, weights_only=False)["global_step"] for f in folder.glob("step*.ckpt")}
+    assert "step0000006.ckpt" not in found[ModelCheckpoint], found  # the hazard is real (Lightning 2.6)
+    expected = {f"step{s:07d}.ckpt": s for s in (3, 6, 9, 12, 14)}  # 14: the end of the fit
+    assert found[UpdateCheckpoint] == expected, found
