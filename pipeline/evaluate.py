@@ -10,7 +10,8 @@ run's W&B run when logger.wandb.enabled (pipeline/loggers.log_run_summary). Writ
     eval-<split>.hyp.txt    one hypothesis per line, in the split's order
     eval-<split>.ref.txt    the references, so `sacrebleu eval-<split>.ref.txt -i eval-<split>.hyp.txt -m bleu chrf`
                             reproduces the scores
-    eval-<split>.json       scores, signatures, checkpoint, decoding settings, timing
+    eval-<split>.json       scores, signatures, checkpoint, decoding settings, timing; with evaluate.tune.enabled
+                            also "tuning": every beam x α tried on evaluate.tune.split, its scores, the best
     eval-<split>.nbest.txt  with evaluate.nbest > 1: each sentence's n best hypotheses, best first, one per line:
                             <sentence index> TAB <score> TAB <log-probability> TAB <hypothesis>
 """
@@ -21,16 +22,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from data.atomic import write_json_atomic, write_text_atomic
-from modules.decoding import describe_search, translate_ids
+from modules.decoding import Decoding, describe_search, translate_ids
 from pipeline.inference import load_for_inference, make_search, place_for_inference, prepared_split
 from pipeline.loggers import log_run_summary
 from pipeline.paper_bleu import tokenized_bleu
 from pipeline.progress import Progress
 from pipeline.runs import require_run_dir, resolve_checkpoint
 from pipeline.scores import score
+from pipeline.tuning import TuningResult, settings_grid, tune_search
 
 
 def wandb_summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -41,6 +43,36 @@ def wandb_summary(result: dict[str, Any]) -> dict[str, Any]:
     values["search"] = result["decoding"]["search"]
     values |= {f"signature/{name}": signature for name, signature in result["signatures"].items()}
     return {f"{split}/{key}": value for key, value in values.items()}
+
+
+def tune(cfg: DictConfig, model: Any, datamodule: Any, device: Any) -> TuningResult:
+    """evaluate.tune: every beam x alpha of the grid on evaluate.tune.split, printed; the best setting."""
+    tuning_cfg, tokenizer = cfg.evaluate.tune, datamodule.tokenizer
+    sources, references = prepared_split(datamodule, tuning_cfg.split)
+    grid = settings_grid(Decoding(max_extra=int(cfg.evaluate.max_extra)), tuning_cfg.beams, tuning_cfg.alphas)
+    print(f"tuning on {tuning_cfg.split}: {len(grid)} settings x {len(sources)} sentences, best by {tuning_cfg.metric}")
+    result = tune_search(
+        model,
+        sources,
+        references,
+        tokenizer.decode,
+        grid,
+        split=tuning_cfg.split,
+        metric=tuning_cfg.metric,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        max_tokens=int(cfg.evaluate.max_tokens),
+        device=device,
+        precision=cfg.evaluate.precision,
+    )
+    best = result.best
+    print(result.table())
+    print(
+        f"best on {tuning_cfg.split}: {describe_search(best.describe())}; {cfg.evaluate.split} is translated with it "
+        f"(the same as evaluate.beam={best.beam} evaluate.alpha={best.alpha})"
+    )
+    return result
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
@@ -56,7 +88,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     sources, references = prepared_split(datamodule, split)
     tokenizer = datamodule.tokenizer
 
-    search, decoding = make_search(cfg.evaluate, tokenizer.bos_id, tokenizer.eos_id)
+    tuning = tune(cfg, model, datamodule, device) if cfg.evaluate.tune.enabled else None
+    settings = cfg.evaluate if tuning is None else OmegaConf.merge(cfg.evaluate, tuning.as_dict()["best"])
+    search, decoding = make_search(settings, tokenizer.bos_id, tokenizer.eos_id)
     decoding["precision"] = cfg.evaluate.precision
     started = time.perf_counter()
     with Progress(total=len(sources), desc=f"evaluate {split}") as progress:  # a bar, or a line every few seconds
@@ -101,6 +135,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         "translate_seconds": round(seconds, 2),
         "files": {kind: path.name for kind, path in files.items()},
     }
+    if tuning is not None:
+        result["tuning"] = tuning.as_dict()
     json_path = run_dir / f"eval-{split}.json"
     write_json_atomic(json_path, result)
     print(

@@ -175,6 +175,18 @@ MAX_TIME = Check(
     lambda v: v is None or duration_seconds(v) > 0,
     lambda v: NOTHING_TRAINED,
 )
+NON_EMPTY_LIST_OF_POSITIVE_INTS = Check(
+    "a non-empty list of positive integers, e.g. [4]",
+    "a list of integers",
+    lambda v: isinstance(v, list) and all(_is_int(b) for b in v),
+    lambda v: len(v) > 0 and all(b > 0 for b in v),
+)
+NON_EMPTY_LIST_OF_NON_NEGATIVE = Check(
+    "a non-empty list of numbers >= 0, e.g. [0.6, 1.0]",
+    "a list of numbers",
+    lambda v: isinstance(v, list) and all(_is_number(a) for a in v),
+    lambda v: len(v) > 0 and all(a >= 0 for a in v),
+)
 TOP_K = Check("a positive integer, or -1 (keep all)", "an integer", _is_int, lambda v: v > 0 or v == -1)
 BETAS = Check(
     "two numbers in [0, 1), e.g. [0.9, 0.98]",
@@ -250,6 +262,11 @@ RULES: dict[str, Check] = {
     "evaluate.max_extra": NON_NEGATIVE_INT,
     "evaluate.max_tokens": POSITIVE_INT,
     "evaluate.precision": one_of(*DECODING_PRECISIONS),
+    "evaluate.tune.enabled": BOOL,
+    "evaluate.tune.split": one_of("train", "valid", "test"),
+    "evaluate.tune.beams": NON_EMPTY_LIST_OF_POSITIVE_INTS,
+    "evaluate.tune.alphas": NON_EMPTY_LIST_OF_NON_NEGATIVE,
+    "evaluate.tune.metric": one_of("bleu", "chrf"),
     "translate.beam": POSITIVE_INT,
     "translate.alpha": NON_NEGATIVE,
     "translate.nbest": POSITIVE_INT,
@@ -458,6 +475,30 @@ def _nbest(section: str) -> Callable[[DictConfig, str | None], ConfigError | Non
     return check
 
 
+def _tune_split(cfg: DictConfig, command: str | None) -> ConfigError | None:
+    tune = cfg.evaluate.tune
+    if not tune.enabled or tune.split != cfg.evaluate.split:
+        return None
+    return ConfigError(
+        "evaluate.tune.split",
+        tune.split,
+        "is the split being scored (evaluate.split): a setting chosen on it would flatter its score",
+        "tune on another split, e.g. evaluate.tune.split=valid",
+    )
+
+
+def _tune_nbest(cfg: DictConfig, command: str | None) -> ConfigError | None:
+    tune, nbest = cfg.evaluate.tune, cfg.evaluate.nbest
+    if not tune.enabled or nbest <= min(tune.beams):
+        return None
+    return ConfigError(
+        "evaluate.nbest",
+        nbest,
+        f"more hypotheses than the smallest tuned beam keeps (evaluate.tune.beams={list(tune.beams)})",
+        f"set evaluate.nbest to at most {min(tune.beams)}, or drop the smaller beams",
+    )
+
+
 # (the keys a rule reads, the rule): run for a command that reads all of them, after every key passed RULES.
 CROSS_CHECKS: tuple[tuple[tuple[str, ...], Callable[[DictConfig, str | None], ConfigError | None]], ...] = (
     (("model.d_model", "model.n_heads", "model.d_k", "model.d_v"), _heads),
@@ -469,6 +510,8 @@ CROSS_CHECKS: tuple[tuple[tuple[str, ...], Callable[[DictConfig, str | None], Co
     (("trainer.precision", "cluster.gpu"), _precision_on_device),
     (("evaluate.nbest", "evaluate.beam"), _nbest("evaluate")),
     (("translate.nbest", "translate.beam"), _nbest("translate")),
+    (("evaluate.tune.enabled", "evaluate.tune.split", "evaluate.split"), _tune_split),
+    (("evaluate.tune.enabled", "evaluate.tune.beams", "evaluate.nbest"), _tune_nbest),
 )
 
 
