@@ -45,6 +45,12 @@ class TransformerConfig:
     share_embeddings: bool = True
     """Tie source embedding, target embedding and pre-softmax projection into one matrix (section 3.4)."""
 
+    init: Literal["fairseq", "xavier"] = "fairseq"
+    """How the projections start (the paper does not say; modules/transformer.py): 'fairseq': queries, keys and
+    values Glorot-uniform with gain 1/√2, the attention output Glorot-uniform with a zero bias, the feed-forward
+    layers PyTorch's Linear default; 'xavier': Glorot-uniform everywhere with zero biases (tensor2tensor's
+    uniform_unit_scaling, the paper's code). Embeddings are N(0, d_model^-1/2) either way."""
+
     max_positions: int = 1024
     """Longest sequence the positional encoding covers (learned embeddings need a fixed table)."""
 
@@ -58,6 +64,8 @@ class TransformerConfig:
             self.d_v = self.d_model // self.n_heads
         if self.positional not in ("sinusoidal", "learned"):
             raise ValueError(f"model.positional must be 'sinusoidal' or 'learned', got {self.positional!r}")
+        if self.init not in ("fairseq", "xavier"):
+            raise ValueError(f"model.init must be 'fairseq' or 'xavier', got {self.init!r}")
         if self.norm not in ("post", "pre"):
             raise ValueError(f"model.norm must be 'post' or 'pre', got {self.norm!r}")
 

@@ -1,12 +1,16 @@
-"""Embeddings (section 3.4) and positional encodings (section 3.5) against their formulas."""
+"""Embeddings (section 3.4), positional encodings (section 3.5) and the projections' initialization against their
+formulas."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from modules.config import TransformerConfig
 from modules.embedding import LearnedPositionalEmbedding, ScaledEmbedding, SinusoidalPositionalEncoding
+from modules.transformer import Transformer
 
 
 def test_sinusoidal_encoding_equals_formula():
@@ -61,3 +65,34 @@ def test_transformer_runs_with_low_precision_parameters_and_fp32_buffers():
     torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.05)
     logits.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("init", ["fairseq", "xavier"])
+def test_projections_start_from_the_configured_distributions(init: str) -> None:
+    """model.init: every projection's weights and biases against the bounds of the uniform distributions it names
+    (Glorot: gain·√(6 / (fan_in + fan_out)); PyTorch's Linear default: 1/√fan_in), the largest value near the bound
+    and the standard deviation bound/√3, as a uniform distribution has."""
+    torch.manual_seed(0)
+    d, d_ff = 256, 1024
+    model = Transformer(TransformerConfig(vocab_size=50, n_layers=1, d_model=d, d_ff=d_ff, n_heads=4, init=init))
+    glorot = lambda fan_in, fan_out, gain=1.0: gain * math.sqrt(6 / (fan_in + fan_out))  # noqa: E731
+    layer = model.decoder.layers[0]
+    attention = {"w_q": layer.self_attn.w_q, "w_k": layer.cross_attn.w_k, "w_v": layer.self_attn.w_v}
+    if init == "fairseq":
+        expected = {name: (glorot(d, d, 2**-0.5), 1 / math.sqrt(d)) for name in attention}
+        expected |= {"w_o": (glorot(d, d), 0.0), "w_1": (1 / math.sqrt(d), 1 / math.sqrt(d))}
+        expected |= {"w_2": (1 / math.sqrt(d_ff), 1 / math.sqrt(d_ff))}
+    else:
+        expected = {name: (glorot(d, d), 0.0) for name in (*attention, "w_o")}
+        expected |= {"w_1": (glorot(d, d_ff), 0.0), "w_2": (glorot(d_ff, d), 0.0)}
+    modules = {**attention, "w_o": layer.self_attn.w_o, "w_1": layer.ffn.w_1, "w_2": layer.ffn.w_2}
+    for name, (weight_bound, bias_bound) in expected.items():
+        weight, bias = modules[name].weight.detach(), modules[name].bias.detach()
+        assert weight.abs().max() <= weight_bound and weight.abs().max() > 0.99 * weight_bound, name
+        assert math.isclose(weight.std().item(), weight_bound / math.sqrt(3), rel_tol=0.02), name
+        if bias_bound == 0.0:
+            assert torch.count_nonzero(bias) == 0, name
+        else:
+            assert bias.abs().max() <= bias_bound and bias.abs().max() > 0.9 * bias_bound, name
+    # the embeddings are N(0, d^-1/2) either way (section 3.4's scaling is applied in forward)
+    assert math.isclose(model.encoder.embedding.weight[1:].std().item(), d**-0.5, rel_tol=0.02)

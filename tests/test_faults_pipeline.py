@@ -36,6 +36,7 @@ def trained(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     root = tmp_path_factory.mktemp("faults_pipeline")
     overrides = [*tiny["overrides"], *TRAIN, "run.val_bleu_sentences=0", "trainer.val_check_interval=3"]
+    overrides += ["model.init=xavier"]  # three updates from it translate into words (tests/test_run_folder.py)
     overrides += ["checkpoint.every_n_train_steps=3"]
     cli.main(["train", *overrides, f"run.dir={root / 'run'}", "trainer.max_steps=3"])
     other = root / "other" / "step0000003.ckpt"

@@ -204,7 +204,9 @@ def test_projected_loss_with_bf16_parameters_and_float16_autocast(chunking: str)
 
 # -- the whole model ---------------------------------------------------------------------------------------------
 
-MODEL = {"vocab_size": 40, "n_layers": 2, "d_model": 16, "d_ff": 32, "n_heads": 2, "dropout": 0.0}
+# tensor2tensor's start (init xavier): the bf16 comparison below was set on it. From fairseq's smaller start the CUDA
+# set run on this CPU (torch's fused attention in bf16) lands further from float64 than the plain formulas do.
+MODEL = {"vocab_size": 40, "n_layers": 2, "d_model": 16, "d_ff": 32, "n_heads": 2, "dropout": 0.0, "init": "xavier"}
 OPTIM = {"betas": [0.9, 0.98], "eps": 1e-9, "warmup_steps": 3, "label_smoothing": 0.1}
 
 

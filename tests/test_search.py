@@ -23,9 +23,10 @@ PAD, BOS, EOS = 0, 2, 3
 
 
 def _model(seed: int, vocab: int, n_layers: int = 2, d_model: int = 32, norm: str = "post") -> Transformer:
-    """A seeded random model in eval mode. Its output projection (untied) is scaled x3: with the default
-    initialisation the next-token distributions are flat and the same at every step; scaled, they are peaked and
-    depend on the prefix, so the outputs differ in length and content between sentences and searches."""
+    """A seeded random model in eval mode, from tensor2tensor's start (init xavier). Its output projection (untied)
+    is scaled x3: with that initialisation alone the next-token distributions are flat and the same at every step;
+    scaled, they are peaked and depend on the prefix, so the outputs differ in length and content between sentences
+    and searches (fairseq's smaller start, the default, leaves them flatter)."""
     torch.manual_seed(seed)
     cfg = TransformerConfig(
         vocab_size=vocab,
@@ -36,6 +37,7 @@ def _model(seed: int, vocab: int, n_layers: int = 2, d_model: int = 32, norm: st
         dropout=0.0,
         norm=norm,
         share_embeddings=False,
+        init="xavier",
     )
     model = Transformer(cfg).eval()
     with torch.no_grad():
