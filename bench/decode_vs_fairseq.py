@@ -40,7 +40,7 @@ from pipeline.host import set_torch_environment  # noqa: E402
 
 set_torch_environment()  # as `aiayn` does, before torch is imported (pipeline/host.py)
 
-from vs_fairseq import FAIRSEQ_ARCH, SHARED, fairseq_data  # noqa: E402  (bench/ is first on sys.path)
+from vs_fairseq import eq3_train_command, fairseq_data, fairseq_env  # noqa: E402  (bench/ is first on sys.path)
 
 MAX_TOKENS, WARMUP = 4096, 1000  # training batches and warmup of conf/experiment/multi30k.yaml
 
@@ -50,16 +50,13 @@ def train_fairseq(bin_dir: Path, venv: Path, save_dir: Path, updates: int, d_mod
     checkpoint = save_dir / "checkpoint_last.pt"
     if checkpoint.is_file():
         return checkpoint
-    peak_lr = d_model**-0.5 * WARMUP**-0.5
-    shared = SHARED.replace("--no-save", "").replace("--lr 7e-4", f"--lr {peak_lr:.6g}")
-    shared = shared.replace("--warmup-updates 4000", f"--warmup-updates {WARMUP}")
-    command = [str(venv / "bin" / "fairseq-train"), str(bin_dir), *shared.split(), *FAIRSEQ_ARCH["small"].split()]
+    command = eq3_train_command(venv, bin_dir, d_model, WARMUP)
     command += ["--max-tokens", str(MAX_TOKENS), "--max-update", str(updates), "--save-dir", str(save_dir)]
     command += ["--no-epoch-checkpoints"]
     log = save_dir.with_suffix(".log")
     save_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT, env=fairseq_env())
+        subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT, env=fairseq_env(2))
     return checkpoint
 
 
@@ -73,11 +70,6 @@ def train_ours(run_dir: Path, updates: int) -> Path:
     command += ["trainer.enable_progress_bar=false", "logger.wandb.enabled=false"]
     subprocess.run(command, check=True, cwd=ROOT)
     return checkpoint
-
-
-def fairseq_env() -> dict[str, str]:
-    # fairseq 0.12 loads its checkpoints with torch.load's old default (weights_only=False)
-    return {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "OMP_NUM_THREADS": "2"}
 
 
 def run_fairseq_generate(bin_dir: Path, venv: Path, checkpoint: Path, decoding: Any) -> tuple[float, list[str]]:

@@ -47,17 +47,11 @@ from pipeline.host import set_torch_environment  # noqa: E402
 
 set_torch_environment()  # as `aiayn` does, before torch is imported (pipeline/host.py)
 
-from vs_fairseq import FAIRSEQ_ARCH, SHARED, fairseq_data  # noqa: E402  (bench/ is first on sys.path)
+from vs_fairseq import eq3_train_command, fairseq_data, fairseq_env  # noqa: E402  (bench/ is first on sys.path)
 
 MAX_TOKENS, WARMUP, D_MODEL = 4096, 1000, 256  # conf/experiment/multi30k.yaml's batches and warmup, the small model
 SAVE_EVERY = 200  # updates between checkpoints: every --updates count must be a multiple
 ALPHAS = (0.6, 1.0, 1.4)  # α tried on valid: the paper's and larger (an early model ends sentences early)
-
-
-def fairseq_env(threads: int | None = None) -> dict[str, str]:
-    # fairseq 0.12 loads its checkpoints with torch.load's old default (weights_only=False)
-    threads = threads or os.cpu_count() or 1
-    return {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "OMP_NUM_THREADS": str(threads)}
 
 
 def fairseq_checkpoints(save_dir: Path) -> dict[int, Path]:
@@ -72,11 +66,8 @@ def start_fairseq(
     with `threads` threads; None if its checkpoint at `updates` exists already."""
     if updates in fairseq_checkpoints(save_dir):
         return None
-    peak_lr = D_MODEL**-0.5 * WARMUP**-0.5
-    shared = SHARED.replace("--no-save", "").replace("--lr 7e-4", f"--lr {peak_lr:.6g}")
-    shared = shared.replace("--warmup-updates 4000", f"--warmup-updates {WARMUP}").replace("--seed 1", "")
-    command = [str(venv / "bin" / "fairseq-train"), str(bin_dir), *shared.split(), *FAIRSEQ_ARCH["small"].split()]
-    command += ["--seed", str(seed), "--max-tokens", str(MAX_TOKENS), "--max-update", str(updates)]
+    command = eq3_train_command(venv, bin_dir, D_MODEL, WARMUP, seed)
+    command += ["--max-tokens", str(MAX_TOKENS), "--max-update", str(updates)]
     command += ["--save-dir", str(save_dir), "--no-epoch-checkpoints", "--save-interval-updates", str(SAVE_EVERY)]
     save_dir.mkdir(parents=True, exist_ok=True)
     log = open(save_dir.with_suffix(".log"), "w")  # noqa: SIM115  (the child writes it until it ends)
@@ -268,8 +259,9 @@ class Ours:
         import torch
 
         from modules.decoding import Decoding, translate_ids
+        from pipeline.inference import load_model
 
-        model, tokenizer = self.module(checkpoint).model, self.datamodule.tokenizer
+        (model, _), tokenizer = load_model(checkpoint), self.datamodule.tokenizer
         search = Decoding(beam=4, alpha=alpha).search(tokenizer.bos_id, tokenizer.eos_id)
         sources = self.splits[split][0]
         nbest = translate_ids(

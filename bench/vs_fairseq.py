@@ -56,6 +56,22 @@ SHARED = (
 )
 
 
+def fairseq_env(threads: int | None = None) -> dict[str, str]:
+    """fairseq's environment: `threads` OpenMP threads (default: every core); fairseq 0.12 loads its checkpoints with
+    torch.load's old default (weights_only=False)."""
+    threads = threads or os.cpu_count() or 1
+    return {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "OMP_NUM_THREADS": str(threads)}
+
+
+def eq3_train_command(venv: Path, bin_dir: Path, d_model: int, warmup: int, seed: int = 1) -> list[str]:
+    """fairseq-train of the small model with Eq. 3's schedule (inverse_sqrt with peak d^-0.5 · warmup^-0.5 and that
+    warmup), saving checkpoints, seeded; the caller adds batches, updates and where to save."""
+    peak_lr = d_model**-0.5 * warmup**-0.5
+    shared = SHARED.replace("--no-save", "").replace("--lr 7e-4", f"--lr {peak_lr:.6g}")
+    shared = shared.replace("--warmup-updates 4000", f"--warmup-updates {warmup}").replace("--seed 1", f"--seed {seed}")
+    return [str(venv / "bin" / "fairseq-train"), str(bin_dir), *shared.split(), *FAIRSEQ_ARCH["small"].split()]
+
+
 def fairseq_data(work: Path, venv: Path, vocab_size: int, splits: tuple[str, ...] = ("train", "valid")) -> Path:
     """Multi30k `splits` as SentencePiece pieces, binarized by fairseq-preprocess with our vocabulary padded to
     vocab_size entries; each split made once per vocabulary size."""
