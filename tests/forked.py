@@ -86,14 +86,22 @@ class Child:
     def poll(self) -> int | None:
         return self.process.exitcode
 
-    def kill(self) -> None:
-        """SIGKILL the child's whole session, as a node failure or `scancel` would."""
+    def send_kill(self) -> None:
+        """SIGKILL the child's whole session, as a node failure or `scancel` would; does not wait for it."""
         if self.process.exitcode is None:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.process.join()
+
+
+def kill_all(children: Sequence[Child]) -> None:
+    """SIGKILL every child, then wait for them. Signalled one by one with a wait between, a rank could see its
+    killed peer's connection drop and exit with an error of its own before its SIGKILL arrives."""
+    for child in children:
+        child.send_kill()
+    for child in children:
+        child.process.join()
 
 
 def free_port() -> int:
@@ -135,8 +143,7 @@ def wait_all(children: Sequence[Child], timeout: float) -> list[int]:
     while any(c.poll() is None for c in children):
         failed = any(c.poll() not in (None, 0) for c in children)
         if failed or time.monotonic() > deadline:
-            for c in children:
-                c.kill()
+            kill_all(children)
             break
         time.sleep(0.05)
     return [c.process.exitcode for c in children]

@@ -137,8 +137,7 @@ def _run_and_kill_after_checkpoint(argv: list[str], devices: int, checkpoint: Pa
         while not checkpoint.exists() and all(c.poll() is None for c in children) and time.monotonic() < deadline:
             time.sleep(0.005)
     finally:
-        for c in children:
-            c.kill()
+        forked.kill_all(children)
     codes = [c.poll() for c in children]
     assert checkpoint.exists(), f"no {checkpoint}: exit {codes}\n{_logs(log_dir)}"
     killed = [-signal.SIGKILL] * devices
