@@ -40,7 +40,7 @@ from pipeline.host import set_torch_environment  # noqa: E402
 
 set_torch_environment()  # as `aiayn` does, before torch is imported (pipeline/host.py)
 
-from vs_fairseq import eq3_train_command, fairseq_data, fairseq_env  # noqa: E402  (bench/ is first on sys.path)
+from vs_fairseq import eq3_train_command, fairseq_data, fairseq_env, fairseq_generate  # noqa: E402  (bench/ is first on sys.path)
 
 MAX_TOKENS, WARMUP = 4096, 1000  # training batches and warmup of conf/experiment/multi30k.yaml
 
@@ -72,24 +72,19 @@ def train_ours(run_dir: Path, updates: int) -> Path:
     return checkpoint
 
 
-def run_fairseq_generate(bin_dir: Path, venv: Path, checkpoint: Path, decoding: Any) -> tuple[float, list[str]]:
+def run_fairseq_generate(
+    bin_dir: Path, venv: Path, checkpoint: Path, size: int, decoding: Any
+) -> tuple[float, list[str]]:
     """(sentences/s as fairseq-generate reports it, best hypotheses as pieces in test-set order), with our
     evaluate.* decoding settings (`decoding`) in fairseq's arguments."""
-    command = [str(venv / "bin" / "fairseq-generate"), str(bin_dir), "--path", str(checkpoint), "--cpu"]
-    command += ["--gen-subset", "test", "--beam", str(decoding.beam), "--lenpen", str(decoding.alpha)]
-    command += ["--max-tokens", str(decoding.max_tokens), "--max-len-a", "1", "--max-len-b", str(decoding.max_extra)]
-    command += ["--num-workers", "0"]
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=fairseq_env())
-    text = out.stdout + out.stderr
+    pieces, text = fairseq_generate(
+        venv, bin_dir, checkpoint, "test", size, decoding.beam, decoding.alpha, decoding.max_tokens,
+        decoding.max_extra,
+    )  # fmt: skip
     timing = re.search(r"Translated ([\d,]+) sentences .* in ([\d.]+)s \(([\d.]+) sentences/s", text)
     if timing is None:
         raise SystemExit(f"no 'Translated ... sentences/s' line in fairseq-generate's output:\n{text[-2000:]}")
-    hyps = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("H-"):
-            key, _, pieces = line.split("\t", 2)
-            hyps[int(key[2:])] = pieces
-    return float(timing.group(3)), [hyps[i] for i in sorted(hyps)]
+    return float(timing.group(3)), pieces
 
 
 def main() -> None:
@@ -140,7 +135,7 @@ def main() -> None:
                 outputs[name] = tokenizer.decode([hyps[0].tokens for hyps in nbest])
             else:
                 sentences_per_sec, pieces = run_fairseq_generate(
-                    bin_dir, args.fairseq_venv, fairseq_checkpoint, decoding
+                    bin_dir, args.fairseq_venv, fairseq_checkpoint, len(sources), decoding
                 )
                 speed[name].append(sentences_per_sec)
                 outputs[name] = [tokenizer.sp.decode_pieces(p.split()) for p in pieces]

@@ -1,10 +1,11 @@
 """Quality per update beside fairseq: the same model, data, batches and schedule, scored at the same updates.
 
-On a GPU cluster the budget is updates. Both toolkits' small model (bench/vs_fairseq.py's FAIRSEQ_ARCH and its
-binarized copy of our BPE pieces) is trained from each --seeds seed on Multi30k with Eq. 3's schedule as
-conf/experiment/multi30k.yaml sets it (warmup 1000; fairseq's inverse_sqrt with the same peak d^-0.5 · warmup^-0.5
-and warmup), batches of 4096 tokens, label smoothing 0.1, dropout 0.1: ours `aiayn train` of the default experiment
-(bf16-mixed), fairseq-train in fp32 (it has no bf16 on CPU). Checkpoints at every --updates count are scored:
+On a GPU cluster the budget is updates. Both toolkits train --model (small or base: bench/vs_fairseq.py's
+FAIRSEQ_ARCH; both on the default experiment's 8,000-piece vocabulary, fairseq through its binarized copy of our
+pieces) from each --seeds seed on Multi30k with Eq. 3's schedule as conf/experiment/multi30k.yaml sets it (warmup
+1000; fairseq's inverse_sqrt with the same peak d^-0.5 · warmup^-0.5 and warmup), batches of 4096 tokens, label
+smoothing 0.1, dropout 0.1: ours `aiayn train` of the default experiment (bf16-mixed), fairseq-train in fp32 (it has
+no bf16 on CPU). Checkpoints at every --updates count are scored:
 
   valid_nll   the validation split's negative log-likelihood per target token (<eos> included), in nats: what each
               model learned, whatever the search. Ours: TranslationModule.batch_losses over the split; fairseq:
@@ -13,14 +14,19 @@ and warmup), batches of 4096 tokens, label smoothing 0.1, dropout 0.1: ours `aia
               --lenpen 0.6, |Y|^α), outputs up to source length + 50: sacreBLEU, chrF, output words.
   tuned       the same after choosing α on the validation split from --alphas (each toolkit's own penalty;
               `aiayn evaluate evaluate.tune.enabled=true` for ours), the best α by BLEU.
+  same_search test with greedy search, the same search in both toolkits, so what differs is the model; and with
+              beam 4 at α 0, where both rank by log P alone (both penalties are 1) but still stop differently
+              (fairseq at the beam's 4th finished hypothesis, ours when no live one can beat the best finished).
+The means over seeds (`summary_mean_over_seeds`) come with BLEU's standard deviation over the seeds: the noise of a
+training run, against which a difference between the toolkits is read.
 
 Each checkpoint is trained and scored once, and reused (--work, its scores/ folder). --ours-runs takes an existing
 run of ours for a seed instead (`make train ARGS="checkpoint.every_n_train_steps=100 checkpoint.save_top_k=-1"` is
 the default experiment at seed 1, the same training with more checkpoints kept). Writes bench/quality_per_update.json
 (or --out).
 
-    .venv/bin/python bench/quality_per_update.py --fairseq-venv DIR [--seeds 1 2] [--updates 600 2000]
-        [--ours-overrides KEY=VALUE ...] [--tag NAME]
+    .venv/bin/python bench/quality_per_update.py --fairseq-venv DIR [--model small] [--seeds 1 2]
+        [--updates 600 2000] [--ours-overrides KEY=VALUE ...] [--tag NAME] [--no-train]
 
 DIR: a venv with fairseq (bench/vs_fairseq.py says how to make one).
 """
@@ -47,9 +53,18 @@ from pipeline.host import set_torch_environment  # noqa: E402
 
 set_torch_environment()  # as `aiayn` does, before torch is imported (pipeline/host.py)
 
-from vs_fairseq import eq3_train_command, fairseq_data, fairseq_env  # noqa: E402  (bench/ is first on sys.path)
+from vs_fairseq import (  # noqa: E402  (bench/ is first on sys.path)
+    WHOLE_SPLIT,
+    eq3_train_command,
+    fairseq_data,
+    fairseq_env,
+    fairseq_generate,
+)
 
-MAX_TOKENS, WARMUP, D_MODEL = 4096, 1000, 256  # conf/experiment/multi30k.yaml's batches and warmup, the small model
+MAX_TOKENS, WARMUP = 4096, 1000  # conf/experiment/multi30k.yaml's batches and warmup
+# --model: d_model and our config overrides; both shapes use the 8,000-piece vocabulary of the default experiment
+# (the one fairseq's binarized copy has), so that the shape is the only change.
+MODELS = {"small": (256, ["model=small"]), "base": (512, ["model=base", "model.vocab_size=8000"])}
 SAVE_EVERY = 200  # updates between checkpoints: every --updates count must be a multiple
 ALPHAS = (0.6, 1.0, 1.4)  # α tried on valid: the paper's and larger (an early model ends sentences early)
 
@@ -60,13 +75,14 @@ def fairseq_checkpoints(save_dir: Path) -> dict[int, Path]:
 
 
 def start_fairseq(
-    bin_dir: Path, venv: Path, save_dir: Path, updates: int, seed: int, threads: int
+    bin_dir: Path, venv: Path, save_dir: Path, model: str, updates: int, seed: int, threads: int
 ) -> subprocess.Popen | None:
-    """fairseq-train of the small model for `updates` updates, saving every SAVE_EVERY, started in the background
-    with `threads` threads; None if its checkpoint at `updates` exists already."""
+    """fairseq-train of `model` for `updates` updates, saving every SAVE_EVERY, started in the background with
+    `threads` threads; None if its checkpoint at `updates` exists already. A save dir with a checkpoint_last.pt
+    resumes from it (fairseq-train's --restore-file default)."""
     if updates in fairseq_checkpoints(save_dir):
         return None
-    command = eq3_train_command(venv, bin_dir, D_MODEL, WARMUP, seed)
+    command = eq3_train_command(venv, bin_dir, MODELS[model][0], WARMUP, seed, model)
     command += ["--max-tokens", str(MAX_TOKENS), "--max-update", str(updates)]
     command += ["--save-dir", str(save_dir), "--no-epoch-checkpoints", "--save-interval-updates", str(SAVE_EVERY)]
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -74,15 +90,18 @@ def start_fairseq(
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=fairseq_env(threads))
 
 
-def train_fairseq_seeds(bin_dir: Path, venv: Path, work: Path, updates: int, seeds: list[int]) -> dict[int, dict]:
+def train_fairseq_seeds(
+    bin_dir: Path, venv: Path, work: Path, model: str, updates: int, seeds: list[int]
+) -> dict[int, dict]:
     """Every seed's fairseq run at once, one thread each (two single-threaded runs on two cores finish sooner than
     the same runs one after the other on both cores); {seed: {update: checkpoint}}."""
     threads = max(1, (os.cpu_count() or 1) // len(seeds))
-    started = [start_fairseq(bin_dir, venv, work / f"fairseq-small-s{s}", updates, s, threads) for s in seeds]
+    saves = {seed: work / f"fairseq-{model}-s{seed}" for seed in seeds}
+    started = [start_fairseq(bin_dir, venv, saves[s], model, updates, s, threads) for s in seeds]
     for process in started:
         if process is not None and process.wait() != 0:
-            raise SystemExit(f"fairseq-train failed: see {work}/fairseq-small-s*.log")
-    return {seed: fairseq_checkpoints(work / f"fairseq-small-s{seed}") for seed in seeds}
+            raise SystemExit(f"fairseq-train failed: see {work}/fairseq-{model}-s*.log")
+    return {seed: fairseq_checkpoints(save) for seed, save in saves.items()}
 
 
 def fairseq_batches(log: Path) -> dict[str, float]:
@@ -113,12 +132,15 @@ def ours_batches(datamodule: Any) -> dict[str, float]:
 
 
 def train_ours(run_dir: Path, updates: int, seed: int, overrides: list[str]) -> dict[int, Path]:
-    """Our small model: `aiayn train` of the default experiment for `updates` steps; {step: checkpoint}."""
+    """`aiayn train` of the default experiment with `overrides` for `updates` steps; {step: checkpoint}. A run
+    folder with a last.ckpt resumes from it."""
     if not (run_dir / "checkpoints" / f"step{updates:07d}.ckpt").is_file():
         command = [sys.executable, "-m", "pipeline", "train", f"trainer.max_steps={updates}", "trainer.max_time=null"]
         command += [f"run.dir={run_dir}", "trainer.limit_val_batches=0", "run.val_bleu_sentences=0", "run.n_samples=0"]
         command += ["trainer.enable_progress_bar=false", "logger.wandb.enabled=false", f"seed={seed}"]
         command += [f"checkpoint.every_n_train_steps={SAVE_EVERY}", "checkpoint.save_top_k=-1", *overrides]
+        if (run_dir / "checkpoints" / "last.ckpt").is_file():  # stopped at fewer updates: continue it
+            command.append("run.resume=last")
         with open(run_dir.with_suffix(".log"), "w") as out:
             subprocess.run(command, check=True, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     return run_checkpoints(run_dir)
@@ -141,6 +163,7 @@ def fairseq_valid_nll(bin_dir: Path, venv: Path, checkpoint: Path) -> float:
         str(MAX_TOKENS),
         "--num-workers",
         "0",
+        *WHOLE_SPLIT,
     ]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=fairseq_env())
     match = re.search(r"nll_loss ([\d.]+)", out.stdout + out.stderr)
@@ -149,18 +172,11 @@ def fairseq_valid_nll(bin_dir: Path, venv: Path, checkpoint: Path) -> float:
     return float(match.group(1)) * math.log(2)
 
 
-def fairseq_translate(bin_dir: Path, venv: Path, checkpoint: Path, subset: str, lenpen: float) -> list[str]:
-    """fairseq-generate's beam-4 hypotheses (SentencePiece pieces) of a subset, in the subset's order."""
-    command = [str(venv / "bin" / "fairseq-generate"), str(bin_dir), "--path", str(checkpoint), "--cpu"]
-    command += ["--gen-subset", subset, "--beam", "4", "--lenpen", str(lenpen), "--max-tokens", str(MAX_TOKENS)]
-    command += ["--max-len-a", "1", "--max-len-b", "50", "--num-workers", "0"]
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=fairseq_env())
-    hyps = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("H-"):
-            key, _, pieces = line.split("\t", 2)
-            hyps[int(key[2:])] = pieces
-    return [hyps[i] for i in sorted(hyps)]
+def fairseq_translate(
+    bin_dir: Path, venv: Path, checkpoint: Path, subset: str, size: int, beam: int, lenpen: float
+) -> list[str]:
+    """fairseq-generate's hypotheses (SentencePiece pieces) of a subset of `size` sentences, in its order."""
+    return fairseq_generate(venv, bin_dir, checkpoint, subset, size, beam, lenpen, MAX_TOKENS, 50)[0]
 
 
 LR_STEPS = (1, 2, 10, 100, 500, 999, 1000, 1001, 2000)  # updates at which the two schedules are printed
@@ -183,19 +199,19 @@ print(json.dumps([schedule.step_update(k - 1) for k in {steps}]))
 """
 
 
-def lr_curves(venv: Path) -> list[dict[str, float]]:
+def lr_curves(venv: Path, d_model: int) -> list[dict[str, float]]:
     """The rate of update k under our Eq. 3 scheduler (modules/schedule.py, as Lightning steps it) and fairseq's
     inverse_sqrt (run in its venv, stepped as its Trainer steps it), at LR_STEPS."""
     import torch
 
     from modules.schedule import inverse_sqrt_scheduler
 
-    peak = D_MODEL**-0.5 * WARMUP**-0.5
+    peak = d_model**-0.5 * WARMUP**-0.5
     code = FAIRSEQ_LR.format(peak=peak, warmup=WARMUP, steps=list(LR_STEPS))
     out = subprocess.run([str(venv / "bin" / "python"), "-c", code], check=True, capture_output=True, text=True)
     theirs = json.loads(out.stdout.strip().splitlines()[-1])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = inverse_sqrt_scheduler(optimizer, D_MODEL, WARMUP)
+    scheduler = inverse_sqrt_scheduler(optimizer, d_model, WARMUP)
     mine = {}
     for k in range(1, max(LR_STEPS) + 1):  # update k runs at the rate set before it
         mine[k] = optimizer.param_groups[0]["lr"]
@@ -254,15 +270,15 @@ class Ours:
                 nll, tokens = nll + float(nll_sum), tokens + float(n_tokens)
         return nll / tokens
 
-    def translate(self, checkpoint: Path, split: str, alpha: float) -> list[str]:
-        """Beam 4 with GNMT's penalty at alpha, source length + 50, float32 (`aiayn evaluate`'s defaults)."""
+    def translate(self, checkpoint: Path, split: str, beam: int, alpha: float) -> list[str]:
+        """Beam search with GNMT's penalty at alpha, source length + 50, float32 (`aiayn evaluate`'s defaults)."""
         import torch
 
         from modules.decoding import Decoding, translate_ids
         from pipeline.inference import load_model
 
         (model, _), tokenizer = load_model(checkpoint), self.datamodule.tokenizer
-        search = Decoding(beam=4, alpha=alpha).search(tokenizer.bos_id, tokenizer.eos_id)
+        search = Decoding(beam=beam, alpha=alpha).search(tokenizer.bos_id, tokenizer.eos_id)
         sources = self.splits[split][0]
         nbest = translate_ids(
             model, sources, search, tokenizer.pad_id, tokenizer.eos_id, MAX_TOKENS, torch.device("cpu")
@@ -283,12 +299,18 @@ def scored(hyps: list[str], references: list[str]) -> dict[str, float]:
 
 
 def evaluate(translate: Any, references: dict[str, list[str]], alphas: list[float]) -> dict[str, Any]:
-    """translate(split, alpha) -> hypotheses: test at α 0.6, and test at the α best by BLEU on valid."""
-    paper = scored(translate("test", 0.6), references["test"])
-    on_valid = {alpha: scored(translate("valid", alpha), references["valid"])["bleu"] for alpha in alphas}
+    """translate(split, beam, alpha) -> hypotheses: test at beam 4 and α 0.6; test at the α best by BLEU on valid;
+    and test with greedy search (the same in both toolkits) and beam 4 ranked by log P alone (α 0: both length
+    penalties are 1)."""
+    paper = scored(translate("test", 4, 0.6), references["test"])
+    on_valid = {alpha: scored(translate("valid", 4, alpha), references["valid"])["bleu"] for alpha in alphas}
     best = max(alphas, key=lambda alpha: (on_valid[alpha], -abs(alpha - 0.6)))
-    tuned = paper if best == 0.6 else scored(translate("test", best), references["test"])
-    return {"test": paper, "tuned": {"alpha": best, "valid_bleu": on_valid, **tuned}}
+    tuned = paper if best == 0.6 else scored(translate("test", 4, best), references["test"])
+    same_search = {
+        "greedy": scored(translate("test", 1, 0.0), references["test"]),
+        "beam4_alpha0": scored(translate("test", 4, 0.0), references["test"]),
+    }
+    return {"test": paper, "tuned": {"alpha": best, "valid_bleu": on_valid, **tuned}, "same_search": same_search}
 
 
 def score_checkpoint(
@@ -298,14 +320,14 @@ def score_checkpoint(
     if toolkit == "ours":
         nll = ours.valid_nll(checkpoint)
 
-        def translate(split: str, alpha: float) -> list[str]:
-            return ours.translate(checkpoint, split, alpha)
+        def translate(split: str, beam: int, alpha: float) -> list[str]:
+            return ours.translate(checkpoint, split, beam, alpha)
     else:
         nll = fairseq_valid_nll(bin_dir, venv, checkpoint)
         sp = ours.datamodule.tokenizer.sp
 
-        def translate(split: str, alpha: float) -> list[str]:
-            pieces = fairseq_translate(bin_dir, venv, checkpoint, split, alpha)
+        def translate(split: str, beam: int, alpha: float) -> list[str]:
+            pieces = fairseq_translate(bin_dir, venv, checkpoint, split, len(ours.splits[split][1]), beam, alpha)
             return [sp.decode_pieces(p.split()) for p in pieces]
 
     references = {split: ours.splits[split][1] for split in ("valid", "test")}
@@ -315,6 +337,7 @@ def score_checkpoint(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fairseq-venv", type=Path, required=True)
+    parser.add_argument("--model", choices=sorted(MODELS), default="small", help="the shape both toolkits train")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--updates", type=int, nargs="+", default=[600, 2000])
     parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
@@ -343,7 +366,7 @@ def main() -> None:
     bin_dir = fairseq_data(
         ROOT / "outputs" / "bench" / "vs_fairseq", args.fairseq_venv, 8000, ("train", "valid", "test")
     )
-    curves = lr_curves(args.fairseq_venv)
+    curves = lr_curves(args.fairseq_venv, MODELS[args.model][0])
     print(
         "learning rate of update k:\n"
         + "\n".join(f"  {r['update']:5d} {r['ours']:.6e} {r['fairseq']:.6e}" for r in curves)
@@ -354,9 +377,9 @@ def main() -> None:
     if args.skip_fairseq:
         fairseq = {}
     elif args.no_train:
-        fairseq = {seed: fairseq_checkpoints(args.work / f"fairseq-small-s{seed}") for seed in args.seeds}
+        fairseq = {seed: fairseq_checkpoints(args.work / f"fairseq-{args.model}-s{seed}") for seed in args.seeds}
     else:
-        fairseq = train_fairseq_seeds(bin_dir, args.fairseq_venv, args.work, last, args.seeds)
+        fairseq = train_fairseq_seeds(bin_dir, args.fairseq_venv, args.work, args.model, last, args.seeds)
     missing: list[str] = []
     for seed in args.seeds:
         runs = {} if args.skip_fairseq else {"fairseq": fairseq[seed]}
@@ -364,9 +387,10 @@ def main() -> None:
         if str(seed) in given:
             runs["ours"] = run_checkpoints(Path(given[str(seed)]))
         elif args.no_train:
-            runs["ours"] = run_checkpoints(args.work / f"ours-small-s{seed}{args.tag}")
+            runs["ours"] = run_checkpoints(args.work / f"ours-{args.model}-s{seed}{args.tag}")
         else:
-            runs["ours"] = train_ours(args.work / f"ours-small-s{seed}{args.tag}", last, seed, args.ours_overrides)
+            overrides = MODELS[args.model][1] + args.ours_overrides
+            runs["ours"] = train_ours(args.work / f"ours-{args.model}-s{seed}{args.tag}", last, seed, overrides)
         for toolkit, checkpoints in runs.items():
             for updates in args.updates:
                 if updates not in checkpoints:
@@ -375,11 +399,17 @@ def main() -> None:
                 started = time.perf_counter()
                 row = {"toolkit": toolkit, "seed": seed, "updates": updates, "checkpoint": str(checkpoints[updates])}
                 cached = (
-                    args.work / "scores" / f"{toolkit}-s{seed}{args.tag if toolkit == 'ours' else ''}-u{updates}.json"
+                    args.work
+                    / "scores"
+                    / f"{toolkit}-{args.model}-s{seed}{args.tag if toolkit == 'ours' else ''}-u{updates}.json"
                 )
                 previous = json.loads(cached.read_text()) if cached.is_file() else {}
-                if previous.get("checkpoint") == row["checkpoint"] and previous.get("alphas") == args.alphas:
-                    row = previous  # scored by an earlier run: the same checkpoint and α grid
+                if (
+                    previous.get("checkpoint") == row["checkpoint"]
+                    and previous.get("alphas") == args.alphas
+                    and "same_search" in previous
+                ):
+                    row = previous  # scored by an earlier run: the same checkpoint, α grid and searches
                 else:
                     row |= score_checkpoint(
                         toolkit, checkpoints[updates], ours, bin_dir, args.fairseq_venv, args.alphas
@@ -388,11 +418,12 @@ def main() -> None:
                     cached.parent.mkdir(parents=True, exist_ok=True)
                     cached.write_text(json.dumps(row, indent=2) + "\n")
                 rows.append(row)
-                test, tuned = row["test"], row["tuned"]
+                test, tuned, same = row["test"], row["tuned"], row["same_search"]
                 print(
                     f"{toolkit:8s} seed {seed} {updates:5d} updates: valid nll {row['valid_nll']:.4f}, test α 0.6 "
                     f"BLEU {test['bleu']:.2f} chrF {test['chrf']:.2f} ratio {test['length_ratio']:.3f}; tuned α "
-                    f"{tuned['alpha']}: BLEU {tuned['bleu']:.2f} chrF {tuned['chrf']:.2f} "
+                    f"{tuned['alpha']}: BLEU {tuned['bleu']:.2f} chrF {tuned['chrf']:.2f}; greedy BLEU "
+                    f"{same['greedy']['bleu']:.2f}, beam 4 α 0 BLEU {same['beam4_alpha0']['bleu']:.2f} "
                     f"({time.perf_counter() - started:.0f} s)",
                     flush=True,
                 )
@@ -402,18 +433,29 @@ def main() -> None:
             mine = [row for row in rows if row["toolkit"] == toolkit and row["updates"] == updates]
             if not mine:
                 continue
+            searches = {
+                "test": [row["test"] for row in mine],
+                "tuned": [row["tuned"] for row in mine],
+                **{name: [row["same_search"][name] for row in mine] for name in ("greedy", "beam4_alpha0")},
+            }
             summary[f"{toolkit}/{updates}"] = {
                 "seeds": [row["seed"] for row in mine],
                 "valid_nll": round(statistics.mean(row["valid_nll"] for row in mine), 4),
                 **{
-                    f"{kind}_{metric}": round(statistics.mean(row[kind][metric] for row in mine), 2)
-                    for kind in ("test", "tuned")
+                    f"{kind}_{metric}": round(statistics.mean(result[metric] for result in results), 2)
+                    for kind, results in searches.items()
                     for metric in ("bleu", "chrf", "length_ratio")
+                },
+                # run-to-run noise: the standard deviation of BLEU over the seeds
+                **{
+                    f"{kind}_bleu_sd": round(statistics.stdev(result["bleu"] for result in results), 2)
+                    for kind, results in searches.items()
+                    if len(results) > 1
                 },
             }
     report = {
-        "what": "quality at equal updates, ours vs fairseq-train: small model, Multi30k, same data, batches and "
-        "schedule; valid NLL per target token (nats), test_2016_flickr beam 4 at α 0.6 and at the α tuned on valid",
+        "what": f"quality at equal updates, ours vs fairseq-train: {args.model} model, Multi30k, same data, batches "
+        "and schedule; valid NLL per target token (nats), test_2016_flickr beam 4 at α 0.6 and at the α tuned on valid",
         "command": "python bench/quality_per_update.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -422,7 +464,7 @@ def main() -> None:
         "learning_rate": curves,
         "batches_per_update": {
             "ours": ours_batches(ours.datamodule),
-            "fairseq": fairseq_batches(args.work / f"fairseq-small-s{args.seeds[0]}.log")
+            "fairseq": fairseq_batches(args.work / f"fairseq-{args.model}-s{args.seeds[0]}.log")
             if not args.skip_fairseq
             else {},
         },

@@ -63,13 +63,49 @@ def fairseq_env(threads: int | None = None) -> dict[str, str]:
     return {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "OMP_NUM_THREADS": str(threads)}
 
 
-def eq3_train_command(venv: Path, bin_dir: Path, d_model: int, warmup: int, seed: int = 1) -> list[str]:
-    """fairseq-train of the small model with Eq. 3's schedule (inverse_sqrt with peak d^-0.5 · warmup^-0.5 and that
-    warmup), saving checkpoints, seeded; the caller adds batches, updates and where to save."""
+def eq3_train_command(
+    venv: Path, bin_dir: Path, d_model: int, warmup: int, seed: int = 1, model: str = "small"
+) -> list[str]:
+    """fairseq-train of `model` (FAIRSEQ_ARCH) with Eq. 3's schedule (inverse_sqrt with peak d^-0.5 · warmup^-0.5
+    and that warmup), saving checkpoints, seeded; the caller adds batches, updates and where to save."""
     peak_lr = d_model**-0.5 * warmup**-0.5
     shared = SHARED.replace("--no-save", "").replace("--lr 7e-4", f"--lr {peak_lr:.6g}")
     shared = shared.replace("--warmup-updates 4000", f"--warmup-updates {warmup}").replace("--seed 1", f"--seed {seed}")
-    return [str(venv / "bin" / "fairseq-train"), str(bin_dir), *shared.split(), *FAIRSEQ_ARCH["small"].split()]
+    return [str(venv / "bin" / "fairseq-train"), str(bin_dir), *shared.split(), *FAIRSEQ_ARCH[model].split()]
+
+
+# fairseq 0.12's batch_by_size, with its default required_batch_size_multiple of 8, can leave sentences out of the
+# batches (Multi30k's valid split: its 6 longest of 1,014), so fairseq-validate and fairseq-generate would score a
+# smaller split than ours and the hypotheses would no longer line up with the references.
+WHOLE_SPLIT = ("--required-batch-size-multiple", "1")
+
+
+def fairseq_generate(
+    venv: Path,
+    bin_dir: Path,
+    checkpoint: Path,
+    subset: str,
+    size: int,
+    beam: int,
+    lenpen: float,
+    max_tokens: int,
+    max_extra: int,
+    threads: int | None = None,
+) -> tuple[list[str], str]:
+    """fairseq-generate's best hypotheses (SentencePiece pieces) of a binarized subset of `size` sentences, in its
+    order, outputs up to source length + max_extra; and its whole log (stdout and stderr)."""
+    command = [str(venv / "bin" / "fairseq-generate"), str(bin_dir), "--path", str(checkpoint), "--cpu"]
+    command += ["--gen-subset", subset, "--beam", str(beam), "--lenpen", str(lenpen), "--max-tokens", str(max_tokens)]
+    command += ["--max-len-a", "1", "--max-len-b", str(max_extra), "--num-workers", "0", *WHOLE_SPLIT]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=fairseq_env(threads))
+    hyps = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("H-"):
+            key, _, pieces = line.split("\t", 2)
+            hyps[int(key[2:])] = pieces
+    if sorted(hyps) != list(range(size)):
+        raise SystemExit(f"fairseq-generate translated {len(hyps)} of the {size} sentences of {subset}")
+    return [hyps[i] for i in range(size)], out.stdout + out.stderr
 
 
 def fairseq_data(work: Path, venv: Path, vocab_size: int, splits: tuple[str, ...] = ("train", "valid")) -> Path:
