@@ -141,6 +141,7 @@ def train_ours(run_dir: Path, updates: int, seed: int, overrides: list[str]) -> 
         command += [f"checkpoint.every_n_train_steps={SAVE_EVERY}", "checkpoint.save_top_k=-1", *overrides]
         if (run_dir / "checkpoints" / "last.ckpt").is_file():  # stopped at fewer updates: continue it
             command.append("run.resume=last")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(run_dir.with_suffix(".log"), "w") as out:
             subprocess.run(command, check=True, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     return run_checkpoints(run_dir)
