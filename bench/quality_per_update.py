@@ -12,8 +12,9 @@ no bf16 on CPU). Checkpoints at every --updates count are scored:
               fairseq-validate's nll_loss (bits) · ln 2.
   test        test_2016_flickr with beam 4 and the paper's α 0.6 (ours GNMT's ((5+|Y|)/6)^α; fairseq-generate's
               --lenpen 0.6, |Y|^α), outputs up to source length + 50: sacreBLEU, chrF, output words.
-  tuned       the same after choosing α on the validation split from --alphas (each toolkit's own penalty;
-              `aiayn evaluate evaluate.tune.enabled=true` for ours), the best α by BLEU.
+  tuned       the same after choosing α on the validation split from --alphas (each toolkit's own penalty), the
+              best by BLEU, the first of equals in --alphas' order: the choice `aiayn evaluate
+              evaluate.tune.enabled=true` makes, done here alike for both toolkits.
   same_search test with greedy search, the same search in both toolkits, so what differs is the model; and with
               beam 4 at α 0, where both rank by log P alone (both penalties are 1) but still stop differently
               (fairseq at the beam's 4th finished hypothesis, ours when no live one can beat the best finished).
@@ -243,14 +244,11 @@ class Ours:
         self.splits = {split: prepared_split(self.datamodule, split) for split in ("valid", "test")}
 
     def module(self, checkpoint: Path) -> Any:
-        from modules.lightning import TranslationModule
-        from pipeline.checkpoints import load_checkpoint
+        from pipeline.inference import load_module
 
-        saved = load_checkpoint(checkpoint)
-        module = TranslationModule(**saved["hyper_parameters"])
-        module.load_state_dict(saved["state_dict"])
+        module = load_module(checkpoint)[0]
         module.use_device("cpu")
-        return module.eval()
+        return module
 
     def valid_nll(self, checkpoint: Path) -> float:
         """Summed NLL over the valid split's target tokens (<eos> included) / their number, in float32."""
@@ -305,7 +303,7 @@ def evaluate(translate: Any, references: dict[str, list[str]], alphas: list[floa
     penalties are 1)."""
     paper = scored(translate("test", 4, 0.6), references["test"])
     on_valid = {alpha: scored(translate("valid", 4, alpha), references["valid"])["bleu"] for alpha in alphas}
-    best = max(alphas, key=lambda alpha: (on_valid[alpha], -abs(alpha - 0.6)))
+    best = max(alphas, key=on_valid.__getitem__)  # the first best in --alphas' order, as evaluate.tune picks
     tuned = paper if best == 0.6 else scored(translate("test", 4, best), references["test"])
     same_search = {
         "greedy": scored(translate("test", 1, 0.0), references["test"]),

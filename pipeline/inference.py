@@ -28,15 +28,21 @@ from pipeline.host import reuse_freed_memory
 from pipeline.runs import DATASET_KEY, SPM_NAME, recorded_dataset
 
 
-def load_model(path: Path) -> tuple[Transformer, dict[str, Any]]:
-    """The Transformer of a checkpoint (file, averaged.ckpt or DeepSpeed folder) in eval mode, and the checkpoint's
-    other entries (global_step, hyper_parameters, averaged_from, ...)."""
+def load_module(path: Path) -> tuple[TranslationModule, dict[str, Any]]:
+    """The TranslationModule of a checkpoint (file, averaged.ckpt or DeepSpeed folder) in eval mode, and the
+    checkpoint's other entries (global_step, hyper_parameters, averaged_from, ...)."""
     checkpoint = load_checkpoint(path)
     if "hyper_parameters" not in checkpoint:
         raise RunFolderError(f"{path} has no hyper_parameters: the model cannot be rebuilt from it")
     module = TranslationModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint.pop("state_dict"))
-    return module.model.eval(), checkpoint
+    return module.eval(), checkpoint
+
+
+def load_model(path: Path) -> tuple[Transformer, dict[str, Any]]:
+    """The Transformer of a checkpoint in eval mode, and the checkpoint's other entries (load_module)."""
+    module, checkpoint = load_module(path)
+    return module.model, checkpoint
 
 
 def make_search(cfg: DictConfig, bos_id: int, eos_id: int, section: str = "evaluate") -> tuple[Search, dict[str, Any]]:
